@@ -1,0 +1,187 @@
+"""Backend selection for every fastmae op.
+
+Each op declares its backends in priority order (``reference`` always last). A backend knows
+whether it can run on this machine at all (``available``) and whether it can run a given call
+(``supports``: device, dtype, shapes); both answer ``None`` or the reason why not.
+
+The backend for a call is chosen by, in order of precedence:
+
+1. the op's ``backend=`` argument,
+2. the innermost ``use_backend(...)`` context,
+3. the ``FASTMAE_BACKEND`` environment variable (``triton``, ``attention=torch``, or both:
+   ``triton,attention=torch``),
+4. the op's priority list: the first backend that can run the call.
+
+A backend named in 1–3 that cannot run the call raises :class:`BackendUnavailableError` listing
+every backend of the op with its reason -- never a silent fallback. A blanket name from 2 or 3
+(``use_backend("triton")``) applies to the ops that have such a backend; the others use their
+priority list. An op-specific name (``use_backend(attention="xformers")``, or ``backend=``) must
+exist for that op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKEND_NAMES = ("reference", "torch", "triton", "cuda", "xformers")
+ENV_VAR = "FASTMAE_BACKEND"
+_ALL_OPS = "*"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend that was asked for by name cannot run this call."""
+
+
+def _always(*args: Any, **kwargs: Any) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op.
+
+    ``available()`` says whether it can run on this machine at all (cached); ``supports(*args)``
+    whether it can run one call with the op's own arguments. Both return ``None`` or a reason.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    available: Callable[[], str | None] = _always
+    supports: Callable[..., str | None] = _always
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKEND_NAMES:
+            raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {self.name!r}")
+
+    def why_not(self, args: tuple[Any, ...]) -> str | None:
+        reason = _cached_availability(self)
+        return reason if reason is not None else self.supports(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_availability(backend: Backend) -> str | None:
+    return backend.available()
+
+
+@dataclass
+class Op:
+    """An op name and its backends in priority order; registers itself in :data:`OPS`."""
+
+    name: str
+    backends: list[Backend] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = [b.name for b in self.backends]
+        if not names or names[-1] != "reference":
+            raise ValueError(f"op {self.name!r}: the backend list must end with 'reference', got {names}")
+        OPS[self.name] = self
+
+    def backend(self, name: str) -> Backend | None:
+        return next((b for b in self.backends if b.name == name), None)
+
+    def select(self, args: tuple[Any, ...], backend: str | None = None) -> Backend:
+        """The backend that runs ``self(*args)`` under the precedence rules above."""
+        requested, source = self._requested(backend)
+        if requested is not None:
+            chosen = self.backend(requested)
+            if chosen is None:
+                raise BackendUnavailableError(
+                    f"{self.name}: no backend named {requested!r} ({source}); "
+                    f"this op has {[b.name for b in self.backends]}"
+                )
+            reason = chosen.why_not(args)
+            if reason is not None:
+                raise BackendUnavailableError(
+                    f"{self.name}: backend {requested!r} ({source}) cannot run this call: {reason}\n"
+                    + self.explain(args)
+                )
+            return chosen
+        for candidate in self.backends:
+            if candidate.why_not(args) is None:
+                return candidate
+        raise BackendUnavailableError(f"{self.name}: no backend can run this call\n" + self.explain(args))
+
+    def _requested(self, argument: str | None) -> tuple[str | None, str]:
+        """(backend name or None, where it came from) for one call."""
+        if argument is not None:
+            return _check_name(argument, f"{self.name}(backend=...)"), "backend= argument"
+        sources = []
+        if _context_stack:
+            sources.append((_context_stack[-1], "use_backend"))
+        spec = os.environ.get(ENV_VAR, "")
+        if spec:
+            sources.append((parse_backend_spec(spec), ENV_VAR))
+        for choice, where in sources:
+            if self.name in choice:
+                return choice[self.name], f"{where}: {self.name}={choice[self.name]}"
+            blanket = choice.get(_ALL_OPS)
+            if blanket is not None and self.backend(blanket) is not None:
+                return blanket, f"{where}: {blanket}"
+        return None, "priority"
+
+    def explain(self, args: tuple[Any, ...]) -> str:
+        """One line per backend: ``name: ok`` or ``name: <reason>``."""
+        lines = []
+        for b in self.backends:
+            reason = b.why_not(args)
+            lines.append(f"  {b.name}: {'ok' if reason is None else reason}")
+        return "\n".join(lines)
+
+    def __call__(self, *args: Any, backend: str | None = None) -> Any:
+        return self.select(args, backend).fn(*args)
+
+
+OPS: dict[str, Op] = {}
+_context_stack: list[dict[str, str]] = []
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+    return name
+
+
+def parse_backend_spec(spec: str, where: str = ENV_VAR) -> dict[str, str]:
+    """``"triton,attention=torch"`` -> ``{"*": "triton", "attention": "torch"}``."""
+    choice: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        op, sep, name = item.partition("=")
+        if not sep:
+            op, name = _ALL_OPS, item
+        op, name = op.strip(), name.strip()
+        if op != _ALL_OPS and op not in OPS:
+            raise ValueError(f"{where}: unknown op {op!r}; expected one of {sorted(OPS)}")
+        choice[op] = _check_name(name, where)
+    return choice
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None = None, **per_op: str) -> Iterator[None]:
+    """Choose backends inside a ``with`` block.
+
+    ``use_backend("triton")`` asks every op that has a ``triton`` backend to use it;
+    ``use_backend(attention="torch")`` names one op's backend; both may be combined. A blanket name
+    replaces the enclosing context's choices; op-specific names are added to them.
+    """
+    choice: dict[str, str] = {} if name is not None else dict(_context_stack[-1] if _context_stack else {})
+    if name is not None:
+        choice[_ALL_OPS] = _check_name(name, "use_backend")
+    for op, backend in per_op.items():
+        if op not in OPS:
+            raise ValueError(f"use_backend: unknown op {op!r}; expected one of {sorted(OPS)}")
+        choice[op] = _check_name(backend, f"use_backend({op}=...)")
+    _context_stack.append(choice)
+    try:
+        yield
+    finally:
+        _context_stack.pop()
+
+
+def backend_table() -> list[tuple[str, str, str | None]]:
+    """``(op, backend, None or why not)`` for every op and backend, machine-level availability."""
+    return [(op.name, b.name, _cached_availability(b)) for op in OPS.values() for b in op.backends]
