@@ -1,0 +1,131 @@
+"""The ``fastmae`` command: ``fastmae pretrain ...`` and ``fastmae info``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import tomllib
+from pathlib import Path
+
+from fastmae.train.pretrain import DEMO_DEFAULTS, PAPER_DEFAULTS, PRECISIONS, PretrainConfig
+
+PRETRAIN_HELP = {
+    "model": "model preset",
+    "data": "ImageFolder tree of training images (default: the embedded demo photos)",
+    "output": "output folder; rerunning with the same folder resumes from its newest checkpoint",
+    "steps": "total optimiser steps (instead of --epochs)",
+    "epochs": "epochs over the data",
+    "img_size": "input resolution in pixels",
+    "batch_size": "images per forward/backward pass",
+    "accum": "gradient-accumulation passes per optimiser step",
+    "blr": "base learning rate; lr = blr x batch_size x accum / 256",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_fraction": "fraction of the steps spent in linear warmup (the paper: 40/800)",
+    "weight_decay": "AdamW weight decay (not applied to biases, norms and tokens)",
+    "mask_ratio": "fraction of patches removed, in [0, 1)",
+    "norm_pix_loss": "normalise each target patch by its mean and std (the paper's default)",
+    "precision": "autocast precision (default bf16 on CUDA, fp32 on CPU)",
+    "device": "torch device (default cuda when available, else cpu)",
+    "seed": "random seed of weights, masks and data order",
+    "log_every": "steps between logged metrics (and host syncs)",
+    "save_every": "steps between checkpoints",
+    "keep_last": "checkpoints kept",
+    "num_workers": "data-loading worker processes",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(PretrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if f.name in PAPER_DEFAULTS:
+            default = f"{PAPER_DEFAULTS[f.name]}, demo {DEMO_DEFAULTS[f.name]}"
+        help_text = f"{PRETRAIN_HELP[f.name]} [config key {f.name}; default {default}]"
+        if "bool" in str(f.type):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name == "precision":
+            parser.add_argument(flag, dest=f.name, choices=sorted(PRECISIONS), default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0].strip(), str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+
+
+def _read_config_file(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith(".toml"):
+        return tomllib.loads(text)
+    if path.endswith(".json"):
+        return json.loads(text)
+    raise ValueError(f"--config must be a .json or .toml file, got {path!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmae", description="Fast, faithful MAE pretraining for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("pretrain", help="MAE pretraining (no --data: the embedded demo photos)",
+                         description="MAE pretraining. Settings come from the defaults, then --config, "
+                                     "then the flags below.")
+    pre.add_argument("--config", help="a .json or .toml file of config keys (the flags' names with underscores)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(pre)
+    sub.add_parser("info", help="versions, the fastmae._C extension, and every op's backends on this machine")
+    return parser
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from fastmae.train.pretrain import pretrain
+
+    values = _read_config_file(args.config) if args.config else {}
+    for f in dataclasses.fields(PretrainConfig):
+        if getattr(args, f.name) is not None:
+            values[f.name] = getattr(args, f.name)
+    try:
+        cfg = PretrainConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        print(f"fastmae pretrain: {exc}", file=sys.stderr)
+        return 2
+    summary = pretrain(cfg, progress=not args.no_progress)
+    print(f"fastmae pretrain: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
+          f"{summary.img_per_s:.0f} img/s; outputs in {summary.output}/ "
+          "(config.json, metrics.jsonl, checkpoints/, reconstruction.png)")
+    return 0
+
+
+def cmd_info() -> int:
+    import torch
+
+    import fastmae
+    from fastmae.extension import extension_status
+    from fastmae.ops import backend_table
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    print(f"fastmae {fastmae.__version__}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+          f"triton {triton_version}, Python {platform.python_version()}")
+    print(f"GPU: {gpu}")
+    print(f"fastmae._C: {extension_status()[1]}")
+    rows = backend_table()
+    width = max(len(op) for op, _, _ in rows)
+    print(f"\n{'op':<{width}}  backend    status")
+    for op, backend, reason in rows:
+        print(f"{op:<{width}}  {backend:<9}  {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "pretrain":
+        return cmd_pretrain(args)
+    return cmd_info()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

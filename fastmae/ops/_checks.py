@@ -25,8 +25,8 @@ def check_tensor(
     if integer and t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
     if shape is not None and any(e is not None and e != g for e, g in zip(shape, t.shape)):
-        want = tuple("*" if e is None else e for e in shape)
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        want = ", ".join("*" if e is None else str(e) for e in shape)
+        raise ValueError(f"{name} must have shape ({want}{',' if len(shape) == 1 else ''}), got {tuple(t.shape)}")
     return t
 
 

@@ -22,11 +22,12 @@ exist for that op.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 BACKEND_NAMES = ("reference", "torch", "triton", "cuda", "xformers")
 ENV_VAR = "FASTMAE_BACKEND"
@@ -63,9 +64,14 @@ class Backend:
         return reason if reason is not None else self.supports(*args)
 
 
-@functools.lru_cache(maxsize=None)
+_AVAILABILITY: dict[Backend, str | None] = {}
+
+
+@torch.compiler.assume_constant_result  # asked once, eagerly, even while torch.compile traces
 def _cached_availability(backend: Backend) -> str | None:
-    return backend.available()
+    if backend not in _AVAILABILITY:
+        _AVAILABILITY[backend] = backend.available()
+    return _AVAILABILITY[backend]
 
 
 @dataclass

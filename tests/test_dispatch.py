@@ -1,0 +1,100 @@
+"""Backend selection: argument > use_backend > FASTMAE_BACKEND > priority; named backends never fall back."""
+
+import pytest
+import torch
+
+from fastmae import ops
+from fastmae.ops.dispatch import OPS, Backend, BackendUnavailableError, Op, parse_backend_spec, use_backend
+
+
+@pytest.fixture
+def toy_op():
+    """An op with a torch backend that refuses float64, a triton backend unavailable here, and a reference."""
+    calls: list[str] = []
+
+    def make(name):  # noqa: ANN001, ANN202
+        def fn(x):  # noqa: ANN001, ANN202
+            calls.append(name)
+            return x
+
+        return fn
+
+    op = Op("toy_op", [
+        Backend("triton", make("triton"), available=lambda: "no GPU in this test"),
+        Backend("torch", make("torch"), supports=lambda x: "no float64" if x.dtype == torch.float64 else None),
+        Backend("reference", make("reference")),
+    ])
+    yield op, calls
+    del OPS["toy_op"]
+
+
+def test_priority_skips_what_cannot_run(toy_op) -> None:  # noqa: ANN001
+    op, calls = toy_op
+    op(torch.ones(1))
+    op(torch.ones(1, dtype=torch.float64))
+    assert calls == ["torch", "reference"]
+
+
+def test_precedence_argument_context_env(toy_op, monkeypatch) -> None:  # noqa: ANN001
+    op, calls = toy_op
+    monkeypatch.setenv("FASTMAE_BACKEND", "toy_op=reference")
+    op(torch.ones(1))
+    with use_backend(toy_op="torch"):
+        op(torch.ones(1))
+        op(torch.ones(1), backend="reference")
+        with use_backend("reference"):  # a blanket name replaces the outer op-specific choice
+            op(torch.ones(1))
+    assert calls == ["reference", "torch", "reference", "reference"]
+
+
+def test_named_backend_that_cannot_run_lists_every_reason(toy_op) -> None:  # noqa: ANN001
+    op, _ = toy_op
+    with pytest.raises(BackendUnavailableError) as err:
+        op(torch.ones(1, dtype=torch.float64), backend="torch")
+    text = str(err.value)
+    assert "backend 'torch' (backend= argument) cannot run this call: no float64" in text
+    assert "triton: no GPU in this test" in text and "reference: ok" in text
+    with pytest.raises(BackendUnavailableError, match="no GPU in this test"):
+        with use_backend("triton"):
+            op(torch.ones(1))
+
+
+def test_blanket_name_applies_only_to_ops_that_have_it(toy_op, monkeypatch) -> None:  # noqa: ANN001
+    op, calls = toy_op
+    with use_backend("xformers"):  # toy_op has no xformers backend: its priority list decides
+        op(torch.ones(1))
+    monkeypatch.setenv("FASTMAE_BACKEND", "cuda,toy_op=reference")
+    op(torch.ones(1))
+    assert calls == ["torch", "reference"]
+    with pytest.raises(BackendUnavailableError, match="no backend named 'cuda'"):
+        op(torch.ones(1), backend="cuda")
+
+
+def test_unknown_names_are_errors() -> None:
+    with pytest.raises(ValueError, match="unknown backend 'tirton'"):
+        with use_backend("tirton"):
+            pass
+    with pytest.raises(ValueError, match="unknown op 'atention'"):
+        with use_backend(atention="torch"):
+            pass
+    with pytest.raises(ValueError, match="unknown backend"):
+        parse_backend_spec("attention=fast")
+    assert parse_backend_spec("triton, attention=torch") == {"*": "triton", "attention": "torch"}
+
+
+def test_real_ops_respect_the_choice(monkeypatch) -> None:
+    qkv = torch.randn(2, 5, 48)
+    assert ops.OPS["attention"].select((qkv, 2)).name == "torch"
+    with use_backend("reference"):
+        assert ops.OPS["attention"].select((qkv, 2)).name == "reference"
+        assert ops.OPS["masked_mse"].select(()).name == "reference"
+    monkeypatch.setenv("FASTMAE_BACKEND", "attention=reference")
+    assert ops.OPS["attention"].select((qkv, 2)).name == "reference"
+    with pytest.raises(BackendUnavailableError, match="torch"):
+        ops.attention(qkv.double(), 2, backend="torch")
+
+
+def test_every_op_ends_with_reference() -> None:
+    assert set(OPS) >= {"random_masking", "patch_embed_visible", "unshuffle", "masked_mse", "attention", "layer_norm"}
+    with pytest.raises(ValueError, match="must end with 'reference'"):
+        Op("bad_op", [Backend("torch", lambda x: x)])

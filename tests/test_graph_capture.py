@@ -1,0 +1,34 @@
+"""The model traces as one graph: torch.compile(fullgraph=True) and torch.export (on meta tensors)."""
+
+import torch
+
+import fastmae
+
+
+def _tiny(device: str = "cpu") -> fastmae.MAE:
+    with torch.device(device):
+        return fastmae.MAE(img_size=(64, 96), patch_size=16, embed_dim=64, depth=2, num_heads=4,
+                           decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4, norm_pix_loss=True)
+
+
+def test_compile_fullgraph_forward_backward() -> None:
+    torch.manual_seed(0)
+    model = _tiny()
+    imgs, noise = torch.randn(3, 3, 64, 96), torch.rand(3, 24)
+    eager_loss, _, eager_mask = model(imgs, 0.75, noise)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
+    loss, _, mask = compiled(imgs, 0.75, noise)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert torch.equal(mask, eager_mask)
+    torch.testing.assert_close(loss, eager_loss)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_export_on_meta() -> None:
+    model = _tiny("meta")
+    imgs, noise = torch.empty(2, 3, 64, 96, device="meta"), torch.empty(2, 24, device="meta")
+    exported = torch.export.export(model, (imgs, 0.75, noise))
+    loss, pred, mask = exported.module()(imgs, 0.75, noise)
+    assert loss.shape == () and pred.shape == (2, 24, 768) and mask.shape == (2, 24)

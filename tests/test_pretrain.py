@@ -1,0 +1,121 @@
+"""fastmae pretrain: outputs, resume, atomic checkpoints, the command line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fastmae.data import demo_dataset, list_images
+from fastmae.data.demo import DEMO_PHOTOS
+from fastmae.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from fastmae.train.pretrain import PretrainConfig, pretrain
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return demo_dataset(tmp_path_factory.mktemp("cache"), crops_per_photo=4, size=64)
+
+
+def test_demo_dataset_is_real_jpegs(demo_root: Path) -> None:
+    files = list_images(demo_root)
+    assert len(files) == 4 * len(DEMO_PHOTOS) == 36
+    assert sorted(p.name for p in demo_root.iterdir()) == sorted(Path(n).stem for n in DEMO_PHOTOS)
+    with Image.open(files[0]) as img:
+        assert img.format == "JPEG" and img.mode == "RGB" and img.size == (64, 64)
+    assert demo_dataset(demo_root.parent, crops_per_photo=4, size=64) == demo_root  # written once
+    assert not list(demo_root.parent.glob(".demo-*"))  # no leftover temporary folder
+
+
+def _cfg(out: Path, data: Path, steps: int) -> PretrainConfig:
+    return PretrainConfig(model="mae_vit_tiny_patch16", data=str(data), output=str(out), steps=steps, img_size=32, batch_size=8, log_every=2,
+                          save_every=2, keep_last=2, num_workers=0, device="cpu")
+
+
+def test_pretrain_outputs_and_resume(tmp_path: Path, demo_root: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    summary = pretrain(_cfg(out, demo_root, 4), progress=False)
+    assert summary.steps == 4 and summary.img_per_s > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["total_steps"] == 4 and config["precision"] == "fp32" and config["lr"] == 1.5e-4 * 8 / 256
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all({"step", "loss", "lr", "img_per_s"} <= r.keys() and r["loss"] > 0 for r in rows)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    with Image.open(out / "reconstruction.png") as fig:
+        assert fig.format == "PNG" and fig.size[0] > 400
+
+    summary = pretrain(_cfg(out, demo_root, 6), progress=False)  # same output folder: resumes
+    assert "resuming from" in capsys.readouterr().out
+    assert summary.steps == 6
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]  # continued, not restarted
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["ckpt-00000004.pt", "ckpt-00000006.pt"]
+    _, state = load_latest_checkpoint(out / "checkpoints")
+    assert state["step"] == 6 and set(state) >= {"model", "optimizer", "scaler", "rng_cpu"}
+
+
+def test_half_written_and_damaged_checkpoints_are_ignored(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 10, {"step": 10, "w": torch.ones(3)})
+    (tmp_path / "ckpt-00000020.pt.tmp").write_bytes(b"\x80half")  # a crash mid-save
+    (tmp_path / "ckpt-00000030.pt").write_bytes(b"not a checkpoint")  # damaged after the fact
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*ckpt-00000030.pt"):
+        path, state = load_latest_checkpoint(tmp_path)
+    assert path.name == "ckpt-00000010.pt" and state["step"] == 10
+    assert load_latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_defaults_paper_with_data_demo_without() -> None:
+    paper, demo = PretrainConfig(data="/data/imagenet"), PretrainConfig()
+    assert (paper.model, paper.img_size, paper.blr, paper.norm_pix_loss) == ("mae_vit_base_patch16", 224, 1.5e-4, True)
+    assert (demo.model, demo.img_size, demo.norm_pix_loss) == ("mae_vit_tiny_patch16", 96, False)
+    assert PretrainConfig(steps=10).epochs is None and PretrainConfig(data="d", blr=1e-3).blr == 1e-3
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="model must be one of"):
+        PretrainConfig(model="mae_vit_gigantic")
+    with pytest.raises(ValueError, match="either steps or epochs"):
+        PretrainConfig(steps=3, epochs=1.0)
+    with pytest.raises(ValueError, match=r"unknown config keys \['lr_rate'\]"):
+        PretrainConfig.from_dict({"lr_rate": 1.0})
+
+
+def _fastmae(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastmae.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_help_documents_every_key() -> None:
+    result = _fastmae("pretrain", "--help")
+    assert result.returncode == 0
+    for key in PretrainConfig.__dataclass_fields__:
+        assert "--" + key.replace("_", "-") in result.stdout, key
+
+
+def test_cli_config_file_flags_override_and_bad_key(tmp_path: Path, demo_root: Path) -> None:
+    config = tmp_path / "cfg.toml"
+    config.write_text(f'model = "mae_vit_tiny_patch16"\ndata = "{demo_root}"\nsteps = 2\nimg_size = 32\n'
+                      'batch_size = 4\nlog_every = 1\n')
+    result = _fastmae("pretrain", "--config", str(config), "--output", str(tmp_path / "o"), "--batch-size", "6",
+                      "--no-progress", "--num-workers", "0", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fastmae pretrain: 2 steps" in result.stdout
+    saved = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert saved["batch_size"] == 6 and saved["img_size"] == 32  # flag over file over default
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"bacth_size": 4}')
+    result = _fastmae("pretrain", "--config", str(bad))
+    assert result.returncode == 2 and "unknown config keys ['bacth_size']" in result.stderr
+
+
+def test_cli_info_lists_every_op_and_backend() -> None:
+    result = _fastmae("info")
+    assert result.returncode == 0
+    for op in ("random_masking", "patch_embed_visible", "unshuffle", "masked_mse", "attention", "layer_norm"):
+        assert op in result.stdout
+    assert "fastmae._C:" in result.stdout and "reference  available" in result.stdout
