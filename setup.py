@@ -5,7 +5,7 @@ build environment (install with ``--no-build-isolation`` so the build sees your 
 the install is pure Python and says so. Environment:
 
 - ``FASTMAE_BUILD_CUDA``: ``1`` require the extension (fail if it cannot be built), ``0`` skip it,
-  unset: build it when possible.
+  unset: build it when possible, and install without it (with a warning) if the build fails.
 - ``FASTMAE_CUDA_ARCHS``: GPU architectures, default ``8.0;9.0`` (PTX is added for the newest).
 - ``CUDA_HOME``: the CUDA toolkit; defaults to ``/usr/local/cuda`` when that holds nvcc.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 
 from setuptools import setup
 
@@ -58,7 +59,9 @@ def cuda_extension() -> tuple[list, dict]:
             raise SystemExit(f"FASTMAE_BUILD_CUDA=1 but fastmae._C cannot be built: {reason}")
         print(f"fastmae: pure-Python install, fastmae._C is not built: {reason}")
         return [], {}
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
+    sources = sorted(os.path.relpath(p, HERE) for ext in ("cpp", "cu") for p in glob.glob(f"{HERE}/csrc/*.{ext}"))
+    if not sources:
+        raise SystemExit(f"no csrc/*.cpp or csrc/*.cu next to {__file__}: an incomplete source tree")
     nvcc_flags = ["-O3", "-lineinfo", *_gencode_flags(os.environ.get("FASTMAE_CUDA_ARCHS", "8.0;9.0"))]
     ext = CUDAExtension(
         "fastmae._C",
@@ -66,7 +69,21 @@ def cuda_extension() -> tuple[list, dict]:
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     print(f"fastmae: building fastmae._C with nvcc from {CUDA_HOME} ({nvcc_flags[-1]} is the PTX target)")
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class BuildOptionalExtension(BuildExtension):
+        """Without FASTMAE_BUILD_CUDA=1, a failed build leaves a working pure-Python install."""
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except Exception as exc:
+                if mode == "1":
+                    raise
+                warnings.warn(f"fastmae: fastmae._C failed to build ({exc}); installing without it. "
+                              "Set FASTMAE_BUILD_CUDA=1 to make this an error.", stacklevel=1)
+                self.extensions = []
+
+    return [ext], {"build_ext": BuildOptionalExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = cuda_extension()
@@ -89,6 +106,7 @@ setup(
         "scikit-image",
         "matplotlib",
         "tqdm",
+        "tomli; python_version < '3.11'",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["fastmae=fastmae.cli:main"]},

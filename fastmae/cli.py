@@ -7,8 +7,12 @@ import dataclasses
 import json
 import platform
 import sys
-import tomllib
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from fastmae.train.pretrain import DEMO_DEFAULTS, PAPER_DEFAULTS, PRECISIONS, PretrainConfig
 

@@ -52,7 +52,7 @@ def mae_flops(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> MAEFlops
     """FLOPs per image of ``model`` (a meta-device model is enough) at ``mask_ratio``."""
     pe = model.patch_embed
     num_patches, d = pe.num_patches, pe.proj.out_channels
-    patch_dim = pe.patch_size * pe.patch_size * pe.in_chans
+    patch_dim = pe.patch_size[0] * pe.patch_size[1] * pe.in_chans
     len_keep = int(num_patches * (1 - mask_ratio))
     enc_tokens, dec_tokens = 1 + len_keep, 1 + num_patches
     return MAEFlops(

@@ -12,6 +12,7 @@ K = len_keep kept patches, D / Dd encoder / decoder width, P = p*p*C.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from functools import partial
 
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from fastmae import ops
 from fastmae.patchify import patchify, unpatchify
-from fastmae.pos_embed import interpolate_pos_embed, sincos_2d
+from fastmae.pos_embed import grid_for, interpolate_pos_embed, sincos_2d
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -43,7 +44,8 @@ def apply_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None =
 
 
 class PatchEmbed(nn.Module):
-    """Image to patch tokens with a Conv2d (kernel = stride = p), stored as ``proj`` like timm's."""
+    """Image to patch tokens with a Conv2d (kernel = stride = p), stored as ``proj``; the attributes
+    are timm's (``img_size``, ``patch_size`` as ``(p, p)`` pairs, ``grid_size``, ``num_patches``)."""
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768) -> None:
@@ -53,7 +55,7 @@ class PatchEmbed(nn.Module):
             raise TypeError(f"patch_size must be a positive int, got {patch_size!r}")
         if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {patch_size}")
-        self.patch_size = patch_size
+        self.patch_size = (patch_size, patch_size)
         self.in_chans = in_chans
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -166,19 +168,24 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.constant_(m.weight, 1.0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN202
-        """Interpolate sin-cos tables saved for another patch grid to this model's grid."""
+        """Interpolate sin-cos tables saved for another patch grid to this model's grid.
+
+        The saved grid is taken to be square or of this model's aspect ratio; a table with the same
+        number of tokens as this model's but another grid shape cannot be told apart and loads as is.
+        """
         for name in ("pos_embed", "decoder_pos_embed"):
             key = prefix + name
             saved, own = state_dict.get(key), getattr(self, name)
             if saved is not None and saved.ndim == 3 and saved.shape[1] != own.shape[1]:
-                state_dict[key] = interpolate_pos_embed(saved, self.patch_embed.grid_size)
+                old_grid = grid_for(saved.shape[1] - 1, aspect=self.patch_embed.grid_size)
+                state_dict[key] = interpolate_pos_embed(saved, self.patch_embed.grid_size, old_grid)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------ input checks
     def _check_imgs(self, imgs: object) -> torch.Tensor:
         if not isinstance(imgs, torch.Tensor):
             raise TypeError(f"imgs must be a torch.Tensor (N, C, H, W), got {type(imgs).__name__}")
-        c, (hh, ww), p = self.patch_embed.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size
+        c, (hh, ww), p = self.patch_embed.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size[0]
         if imgs.ndim != 4:
             raise ValueError(f"imgs must be (N, C={c}, H={hh}, W={ww}), got shape {tuple(imgs.shape)}")
         if not imgs.is_floating_point():
@@ -193,19 +200,25 @@ class MaskedAutoencoderViT(nn.Module):
                              "build it with that img_size (weights for another grid load with interpolation)")
         if imgs.device != self.cls_token.device:
             raise ValueError(f"imgs are on {imgs.device} but the model is on {self.cls_token.device}")
+        weight_dtype = self.patch_embed.proj.weight.dtype
+        if imgs.dtype != weight_dtype and not torch.is_autocast_enabled(imgs.device.type):
+            raise TypeError(f"imgs are {imgs.dtype} but the model's weights are {weight_dtype}; convert one, or "
+                            "run under torch.autocast")
+        if imgs.shape[0] == 0:
+            raise ValueError("imgs is an empty batch (N = 0)")
         return imgs
 
-    def _len_keep(self, mask_ratio: float) -> int:
-        if not isinstance(mask_ratio, int | float) or not 0.0 <= mask_ratio < 1.0:
+    @staticmethod
+    def _len_keep(mask_ratio: float, num_patches: int) -> int:
+        if not isinstance(mask_ratio, numbers.Real) or not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
-        num_patches = self.patch_embed.num_patches
         len_keep = int(num_patches * (1 - mask_ratio))
         if len_keep < 1:
             raise ValueError(f"mask_ratio {mask_ratio} keeps no patch out of {num_patches}")
         return len_keep
 
-    def _noise(self, noise: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
-        num_patches = self.patch_embed.num_patches
+    @staticmethod
+    def _noise(noise: torch.Tensor | None, n: int, num_patches: int, device: torch.device) -> torch.Tensor:
         if noise is None:
             return torch.rand(n, num_patches, device=device)  # (N, L)
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
@@ -213,24 +226,25 @@ class MaskedAutoencoderViT(nn.Module):
         if tuple(noise.shape) != (n, num_patches):
             raise ValueError(f"noise must have shape (N, L) = {(n, num_patches)}, got {tuple(noise.shape)}")
         if noise.device != device:
-            raise ValueError(f"noise is on {noise.device} but imgs are on {device}")
+            raise ValueError(f"noise is on {noise.device} but the tokens are on {device}")
         return noise
 
     # ------------------------------------------------------------------------ official methods
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """``imgs (N, C, H, W)`` -> ``(N, L, p*p*C)``, element order ``nhwpqc``."""
-        return patchify(imgs, self.patch_embed.patch_size)
+        return patchify(imgs, self.patch_embed.patch_size[0])
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, L, p*p*C)`` -> ``imgs (N, C, H, W)``."""
-        return unpatchify(x, self.patch_embed.patch_size, self.patch_embed.grid_size, self.patch_embed.in_chans)
+        return unpatchify(x, self.patch_embed.patch_size[0], self.patch_embed.grid_size, self.patch_embed.in_chans)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):  # noqa: ANN201
         """Official signature: ``x (N, L, D)`` -> ``(x_masked (N, K, D), mask (N, L), ids_restore (N, L))``."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 3:
+            raise ValueError(f"x must be a (N, L, D) tensor of tokens, got {getattr(x, 'shape', type(x))}")
         n, num_patches, d = x.shape
-        len_keep = int(num_patches * (1 - mask_ratio))
-        if noise is None:
-            noise = torch.rand(n, num_patches, device=x.device)  # (N, L)
+        len_keep = self._len_keep(mask_ratio, num_patches)
+        noise = self._noise(noise, n, num_patches, x.device)  # (N, L)
         ids_keep, ids_restore, mask = ops.random_masking(noise, len_keep)
         x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))  # (N, K, D)
         return x_masked, mask, ids_restore
@@ -238,8 +252,9 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):  # noqa: ANN201
         """``imgs (N, C, H, W)`` -> ``(latent (N, 1+K, D), mask (N, L), ids_restore (N, L))``."""
         imgs = self._check_imgs(imgs)
-        len_keep = self._len_keep(mask_ratio)
-        noise = self._noise(noise, imgs.shape[0], imgs.device)
+        num_patches = self.patch_embed.num_patches
+        len_keep = self._len_keep(mask_ratio, num_patches)
+        noise = self._noise(noise, imgs.shape[0], num_patches, imgs.device)
         ids_keep, ids_restore, mask = ops.random_masking(noise, len_keep)
         proj = self.patch_embed.proj
         x = ops.patch_embed_visible(imgs, ids_keep, proj.weight, proj.bias, self.pos_embed)  # (N, K, D)
@@ -260,7 +275,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean over removed patches of the per-patch MSE (target normalised per patch with norm_pix_loss)."""
-        return ops.masked_mse(pred, imgs, mask, self.patch_embed.patch_size, self.norm_pix_loss)
+        return ops.masked_mse(pred, imgs, mask, self.patch_embed.patch_size[0], self.norm_pix_loss)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):  # noqa: ANN201
         """``imgs (N, C, H, W)`` -> ``(loss, pred (N, L, p*p*C), mask (N, L))``.

@@ -40,6 +40,19 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> tor
     return table.float()
 
 
+def grid_for(num_patches: int, aspect: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """The ``(rows, cols)`` grid of ``num_patches`` cells: square, else of the ``aspect`` ratio; None if neither."""
+    side = math.isqrt(num_patches)
+    if side * side == num_patches:
+        return side, side
+    if aspect is not None:
+        scale = math.sqrt(num_patches / (aspect[0] * aspect[1]))
+        rows, cols = round(aspect[0] * scale), round(aspect[1] * scale)
+        if rows * cols == num_patches:
+            return rows, cols
+    return None
+
+
 def interpolate_pos_embed(
     pos_embed: torch.Tensor, grid: tuple[int, int], old_grid: tuple[int, int] | None = None
 ) -> torch.Tensor:
@@ -47,19 +60,18 @@ def interpolate_pos_embed(
 
     The cls row is kept; the patch rows are resized bicubically as a ``(D, gh0, gw0)`` image, the way
     the official fine-tuning code adapts checkpoints to a new resolution. ``old_grid`` defaults to
-    a square grid and must be given when the old token count is not ``1 + n*n``.
+    a square grid, else one of the new grid's aspect ratio; otherwise it must be given.
     """
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"pos_embed must be (1, 1 + L, D), got {tuple(pos_embed.shape)}")
     num_old = pos_embed.shape[1] - 1
     if old_grid is None:
-        side = math.isqrt(num_old)
-        if side * side != num_old:
+        old_grid = grid_for(num_old, aspect=grid)
+        if old_grid is None:
             raise ValueError(
-                f"cannot infer the grid of a pos_embed with {num_old} patch rows (not a square); "
-                "pass old_grid=(rows, cols)"
+                f"cannot infer the grid of a pos_embed with {num_old} patch rows (neither a square nor the "
+                f"aspect ratio of {tuple(grid)}); pass old_grid=(rows, cols)"
             )
-        old_grid = (side, side)
     if old_grid[0] * old_grid[1] != num_old:
         raise ValueError(f"old_grid {old_grid} has {old_grid[0] * old_grid[1]} cells, pos_embed has {num_old} rows")
     if tuple(old_grid) == tuple(grid):

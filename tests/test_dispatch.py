@@ -24,8 +24,9 @@ def toy_op():
         Backend("torch", make("torch"), supports=lambda x: "no float64" if x.dtype == torch.float64 else None),
         Backend("reference", make("reference")),
     ])
+    other = Op("other_op", [Backend("xformers", make("xformers")), Backend("reference", make("reference"))])
     yield op, calls
-    del OPS["toy_op"]
+    del OPS["toy_op"], OPS[other.name]
 
 
 def test_priority_skips_what_cannot_run(toy_op) -> None:  # noqa: ANN001
@@ -61,13 +62,19 @@ def test_named_backend_that_cannot_run_lists_every_reason(toy_op) -> None:  # no
 
 def test_blanket_name_applies_only_to_ops_that_have_it(toy_op, monkeypatch) -> None:  # noqa: ANN001
     op, calls = toy_op
-    with use_backend("xformers"):  # toy_op has no xformers backend: its priority list decides
+    with use_backend("xformers"):  # toy_op has no xformers backend (other_op has): its priority list decides
         op(torch.ones(1))
-    monkeypatch.setenv("FASTMAE_BACKEND", "cuda,toy_op=reference")
+    monkeypatch.setenv("FASTMAE_BACKEND", "xformers,toy_op=reference")
     op(torch.ones(1))
     assert calls == ["torch", "reference"]
-    with pytest.raises(BackendUnavailableError, match="no backend named 'cuda'"):
+    with pytest.raises(BackendUnavailableError, match="no backend named 'cuda'.*\n.*triton: no GPU in this test"):
         op(torch.ones(1), backend="cuda")
+    with pytest.raises(ValueError, match="no op has a 'cuda' backend"):  # a blanket name nothing has
+        with use_backend("cuda"):
+            pass
+    monkeypatch.setenv("FASTMAE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTMAE_BACKEND: no op has a 'cuda' backend"):
+        op(torch.ones(1))
 
 
 def test_unknown_names_are_errors() -> None:
@@ -79,7 +86,7 @@ def test_unknown_names_are_errors() -> None:
             pass
     with pytest.raises(ValueError, match="unknown backend"):
         parse_backend_spec("attention=fast")
-    assert parse_backend_spec("triton, attention=torch") == {"*": "triton", "attention": "torch"}
+    assert parse_backend_spec("torch, attention=reference") == {"*": "torch", "attention": "reference"}
 
 
 def test_real_ops_respect_the_choice(monkeypatch) -> None:

@@ -116,12 +116,22 @@ def test_checkpoint_roundtrip_strict_and_pos_interpolation() -> None:
     # resizing a table to its own grid is the identity, and the cls row is kept
     assert interpolate_pos_embed(source.pos_embed, (4, 4)) is source.pos_embed
     assert torch.equal(target.pos_embed[:, 0], source.pos_embed[:, 0])
-    # a smooth table stays close to the table built directly for the new grid
-    direct = spec_sincos_pos_embed(64, 8, 8)[None]
-    resized = interpolate_pos_embed(spec_sincos_pos_embed(64, 16, 16)[None], (8, 8))
-    assert resized.shape == direct.shape
-    with pytest.raises(ValueError, match="not a square"):
+    # a non-square checkpoint (4x6 grid) into a model of the same aspect ratio (2x3 grid)
+    wide, small = _small(img_size=(64, 96)), _small(img_size=(32, 48))
+    small.load_state_dict(wide.state_dict())
+    assert torch.equal(small.pos_embed, interpolate_pos_embed(wide.pos_embed, (2, 3), old_grid=(4, 6)))
+    with pytest.raises(ValueError, match="neither a square nor the aspect ratio"):
         interpolate_pos_embed(torch.zeros(1, 1 + 15, 8), (4, 4))
+
+
+def test_autocast_dtypes_follow_the_official_model() -> None:
+    """Under bf16 autocast: pred in bf16 (a Linear's output), loss and mask in fp32, as the official code gives."""
+    model, imgs = _small(), torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, pred, mask = model(imgs)
+    assert pred.dtype == torch.bfloat16 and loss.dtype == torch.float32 and mask.dtype == torch.float32
+    assert model(imgs.to(torch.float64).float())[0].dtype == torch.float32
+    assert model.patch_embed.patch_size == (16, 16)  # timm's pair, as official code indexes it
 
 
 def test_official_methods_and_shapes() -> None:
@@ -156,6 +166,11 @@ def test_official_methods_and_shapes() -> None:
     (lambda m: m(torch.randn(2, 3, 64, 64), noise=torch.zeros(2, 16, dtype=torch.long)), TypeError, "noise must be a floating"),
     (lambda m: m(torch.randn(2, 3, 64, 64, device="meta")), ValueError, "imgs are on meta but the model is on cpu"),
     (lambda m: m([[1.0]]), TypeError, "imgs must be a torch.Tensor"),
+    (lambda m: m(torch.randn(2, 3, 64, 64, dtype=torch.float64)), TypeError, "imgs are torch.float64 but the model"),
+    (lambda m: m(torch.randn(0, 3, 64, 64)), ValueError, "empty batch"),
+    (lambda m: m(torch.randn(2, 3, 64, 64), noise=torch.rand(2, 16, device="meta")), ValueError, "noise is on meta"),
+    (lambda m: m.random_masking(torch.randn(2, 16, 8), 0.75, noise=torch.rand(2, 15)), ValueError, "noise must have shape"),
+    (lambda m: m.random_masking(torch.randn(2, 16, 8), 1.5), ValueError, "mask_ratio must be a number"),
 ])
 def test_bad_input_is_named(bad, exc, match) -> None:  # noqa: ANN001
     with pytest.raises(exc, match=match):

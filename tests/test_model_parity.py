@@ -44,7 +44,7 @@ def _check(model: fastmae.MAE, n: int, mask_ratio: float, ln_eps: float, seed: i
     trained = dict(model.named_parameters())
     params = {k: v.detach().clone().requires_grad_(k in trained) for k, v in model.state_dict().items()}
     attn = model.blocks[0].attn.num_heads, model.decoder_blocks[0].attn.num_heads
-    s_loss, s_pred, s_mask = spec_mae_forward(params, imgs, noise, patch_size=model.patch_embed.patch_size,
+    s_loss, s_pred, s_mask = spec_mae_forward(params, imgs, noise, patch_size=model.patch_embed.patch_size[0],
                                               num_heads=attn[0], decoder_num_heads=attn[1], mask_ratio=mask_ratio,
                                               norm_pix_loss=model.norm_pix_loss, ln_eps=ln_eps)
     s_loss.backward()

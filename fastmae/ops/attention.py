@@ -26,11 +26,13 @@ def attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _sdpa_kernel_for(qkv: torch.Tensor, head_dim: int) -> SDPBackend:
-    """The SDPA kernel this call is pinned to: flash where it applies, else memory-efficient."""
+    """The SDPA kernel this call is pinned to: flash where it applies (fp16/bf16 on sm_80 and newer,
+    head dim <= 256), else memory-efficient; the CPU flash kernel on CPU (and meta, for tracing)."""
     if qkv.device.type == "cuda":
-        flash_ok = qkv.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
+        flash_ok = (qkv.dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
+                    and torch.cuda.get_device_capability(qkv.device) >= (8, 0))
         return SDPBackend.FLASH_ATTENTION if flash_ok else SDPBackend.EFFICIENT_ATTENTION
-    return SDPBackend.FLASH_ATTENTION  # CPU (and meta, for tracing): the CPU flash kernel
+    return SDPBackend.FLASH_ATTENTION
 
 
 def attention_torch(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -48,6 +50,9 @@ def _torch_supports(qkv: torch.Tensor, num_heads: int) -> str | None:
         return f"SDPA is pinned for cpu and cuda tensors, got {qkv.device.type}"
     if qkv.dtype == torch.float64:
         return "float64 is not supported by the pinned SDPA kernels"
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if qkv.device.type == "cuda" and head_dim % 8:
+        return f"the pinned CUDA SDPA kernels need a head dim divisible by 8, got {head_dim}"
     return None
 
 

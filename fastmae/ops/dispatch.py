@@ -9,14 +9,14 @@ The backend for a call is chosen by, in order of precedence:
 1. the op's ``backend=`` argument,
 2. the innermost ``use_backend(...)`` context,
 3. the ``FASTMAE_BACKEND`` environment variable (``triton``, ``attention=torch``, or both:
-   ``triton,attention=torch``),
+   ``triton,attention=torch``), read at each call (under ``torch.compile``: when tracing),
 4. the op's priority list: the first backend that can run the call.
 
 A backend named in 1–3 that cannot run the call raises :class:`BackendUnavailableError` listing
 every backend of the op with its reason -- never a silent fallback. A blanket name from 2 or 3
 (``use_backend("triton")``) applies to the ops that have such a backend; the others use their
-priority list. An op-specific name (``use_backend(attention="xformers")``, or ``backend=``) must
-exist for that op.
+priority list, and a blanket name that no op has is an error. An op-specific name
+(``use_backend(attention="xformers")``, or ``backend=``) must exist for that op.
 """
 
 from __future__ import annotations
@@ -97,8 +97,7 @@ class Op:
             chosen = self.backend(requested)
             if chosen is None:
                 raise BackendUnavailableError(
-                    f"{self.name}: no backend named {requested!r} ({source}); "
-                    f"this op has {[b.name for b in self.backends]}"
+                    f"{self.name}: no backend named {requested!r} ({source}); this op has:\n" + self.explain(args)
                 )
             reason = chosen.why_not(args)
             if reason is not None:
@@ -152,6 +151,13 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
+def _check_blanket(name: str, where: str) -> str:
+    if not any(op.backend(name) for op in OPS.values()):
+        raise ValueError(f"{where}: no op has a {name!r} backend (yet); backends by op:\n"
+                         + "\n".join(f"  {op.name}: {[b.name for b in op.backends]}" for op in OPS.values()))
+    return name
+
+
 def parse_backend_spec(spec: str, where: str = ENV_VAR) -> dict[str, str]:
     """``"triton,attention=torch"`` -> ``{"*": "triton", "attention": "torch"}``."""
     choice: dict[str, str] = {}
@@ -159,10 +165,12 @@ def parse_backend_spec(spec: str, where: str = ENV_VAR) -> dict[str, str]:
         op, sep, name = item.partition("=")
         if not sep:
             op, name = _ALL_OPS, item
-        op, name = op.strip(), name.strip()
-        if op != _ALL_OPS and op not in OPS:
+        op, name = op.strip(), _check_name(name.strip(), where)
+        if op == _ALL_OPS:
+            _check_blanket(name, where)
+        elif op not in OPS:
             raise ValueError(f"{where}: unknown op {op!r}; expected one of {sorted(OPS)}")
-        choice[op] = _check_name(name, where)
+        choice[op] = name
     return choice
 
 
@@ -176,7 +184,7 @@ def use_backend(name: str | None = None, **per_op: str) -> Iterator[None]:
     """
     choice: dict[str, str] = {} if name is not None else dict(_context_stack[-1] if _context_stack else {})
     if name is not None:
-        choice[_ALL_OPS] = _check_name(name, "use_backend")
+        choice[_ALL_OPS] = _check_blanket(_check_name(name, "use_backend"), "use_backend")
     for op, backend in per_op.items():
         if op not in OPS:
             raise ValueError(f"use_backend: unknown op {op!r}; expected one of {sorted(OPS)}")

@@ -31,7 +31,7 @@ def reconstruct(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: flo
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         pred = pred * (var + 1e-6) ** 0.5 + mean
     recon = model.unpatchify(pred.float())  # (N, 3, H, W)
-    p = model.patch_embed.patch_size
+    p = model.patch_embed.patch_size[0]
     pixel_mask = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * 3))  # (N, 3, H, W), 1 = removed
     mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)

@@ -123,6 +123,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> PretrainSummary:
     precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
     data_root = Path(cfg.data) if cfg.data is not None else demo_dataset()
     num_images = len(list_images(data_root))
+    if num_images < cfg.batch_size:
+        raise ValueError(f"{num_images} images below {str(data_root)!r} cannot fill one batch of {cfg.batch_size}")
     total_steps = _total_steps(cfg, num_images)
     eff_batch = cfg.batch_size * cfg.accum
     base_lr = cfg.blr * eff_batch / 256
