@@ -117,10 +117,13 @@ def cmd_info() -> int:
     print(f"GPU: {gpu}")
     print(f"fastmae._C: {extension_status()[1]}")
     rows = backend_table()
-    width = max(len(op) for op, _, _ in rows)
+    width = max(len(op) for op, _, _, _ in rows)
     print(f"\n{'op':<{width}}  backend    status")
-    for op, backend, reason in rows:
-        print(f"{op:<{width}}  {backend:<9}  {'available' if reason is None else 'unavailable: ' + reason}")
+    for op, backend, reason, auto_devices in rows:
+        status = "available" if reason is None else "unavailable: " + reason
+        if reason is None and auto_devices is not None:
+            status += f" (chosen automatically for {'/'.join(auto_devices)} tensors, elsewhere only when named)"
+        print(f"{op:<{width}}  {backend:<9}  {status}")
     return 0
 
 

@@ -1,12 +1,17 @@
-"""Shared test setup: ``tests/`` on the import path (for ``mae_spec`` and ``numerics``), the gpu marker."""
+"""Shared test setup. Without a GPU the Triton kernels run in the interpreter: TRITON_INTERPRET=1 is
+set here, before any kernel is defined. Also: ``tests/`` on the import path, the gpu marker."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 sys.path.insert(0, str(Path(__file__).parent))
 

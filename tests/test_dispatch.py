@@ -36,6 +36,18 @@ def test_priority_skips_what_cannot_run(toy_op) -> None:  # noqa: ANN001
     assert calls == ["torch", "reference"]
 
 
+def test_auto_devices_limit_the_priority_list_not_a_named_choice() -> None:
+    calls = []
+    op = Op("cuda_first", [Backend("triton", lambda x: calls.append("triton"), auto_devices=("cuda",)),
+                           Backend("reference", lambda x: calls.append("reference"))])
+    try:
+        op(torch.ones(1))
+        op(torch.ones(1), backend="triton")
+        assert calls == ["reference", "triton"]
+    finally:
+        del OPS["cuda_first"]
+
+
 def test_precedence_argument_context_env(toy_op, monkeypatch) -> None:  # noqa: ANN001
     op, calls = toy_op
     monkeypatch.setenv("FASTMAE_BACKEND", "toy_op=reference")

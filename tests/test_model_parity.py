@@ -82,3 +82,27 @@ def test_parity_constructor_default_eps_and_reference_backends() -> None:
     _check(model, 3, 0.75, 1e-5, seed=3)
     with fastmae.use_backend("reference"):
         _check(model, 3, 0.75, 1e-5, seed=4)
+
+
+@pytest.mark.parametrize("img_size,patch_size,n,norm_pix", [(224, 16, 3, True), ((64, 96), 16, 1, False),
+                                                            ((56, 84), 14, 3, True)])
+def test_triton_backends_match_reference_whole_model(img_size, patch_size: int, n: int, norm_pix: bool) -> None:  # noqa: ANN001
+    """use_backend("triton") (the interpreter, here) against use_backend("reference"): loss and all gradients."""
+    torch.manual_seed(0)
+    model = _model(img_size, patch_size, norm_pix, 1e-6, dims=(64, 2, 2, 32, 1, 2))
+    hh, ww = model.patch_embed.img_size
+    imgs = torch.randn(n, 3, hh, ww)
+    noise = torch.rand(n, model.patch_embed.num_patches)
+    results = {}
+    for backend in ("reference", "triton"):
+        model.zero_grad()
+        with fastmae.use_backend(backend):
+            loss, pred, mask = model(imgs, 0.75, noise)
+        loss.backward()
+        results[backend] = loss, pred, mask, {k: p.grad.clone() for k, p in model.named_parameters()}
+    (r_loss, r_pred, r_mask, r_grads), (t_loss, t_pred, t_mask, t_grads) = results["reference"], results["triton"]
+    assert torch.equal(t_mask, r_mask)
+    assert rel_err(t_loss, r_loss) <= TOL and rel_err(t_pred, r_pred) <= TOL
+    errors = {k: rel_err(t_grads[k], r_grads[k]) for k in r_grads}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOL, f"grad of {worst}: rel err {errors[worst]:.2e}"

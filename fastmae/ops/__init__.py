@@ -8,7 +8,7 @@ from fastmae.ops.dispatch import OPS, BackendUnavailableError, backend_table, us
 from fastmae.ops.layer_norm import layer_norm
 from fastmae.ops.masked_mse import masked_mse
 from fastmae.ops.patch_embed_visible import patch_embed_visible
-from fastmae.ops.random_masking import random_masking
+from fastmae.ops.random_masking import random_masking, random_masking_philox
 from fastmae.ops.unshuffle import unshuffle
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "masked_mse",
     "patch_embed_visible",
     "random_masking",
+    "random_masking_philox",
     "unshuffle",
     "use_backend",
 ]

@@ -48,12 +48,15 @@ class Backend:
 
     ``available()`` says whether it can run on this machine at all (cached); ``supports(*args)``
     whether it can run one call with the op's own arguments. Both return ``None`` or a reason.
+    ``auto_devices`` limits the devices on which the priority list may pick it (``None``: any); on
+    others it runs only when named (the Triton backends run on CPU only in the interpreter, a test tool).
     """
 
     name: str
     fn: Callable[..., Any]
     available: Callable[[], str | None] = _always
     supports: Callable[..., str | None] = _always
+    auto_devices: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.name not in BACKEND_NAMES:
@@ -106,7 +109,11 @@ class Op:
                     + self.explain(args)
                 )
             return chosen
+        device = next((a.device.type if isinstance(a, torch.Tensor) else a.type for a in args
+                       if isinstance(a, torch.Tensor | torch.device)), None)
         for candidate in self.backends:
+            if candidate.auto_devices is not None and device not in candidate.auto_devices:
+                continue
             if candidate.why_not(args) is None:
                 return candidate
         raise BackendUnavailableError(f"{self.name}: no backend can run this call\n" + self.explain(args))
@@ -196,6 +203,6 @@ def use_backend(name: str | None = None, **per_op: str) -> Iterator[None]:
         _context_stack.pop()
 
 
-def backend_table() -> list[tuple[str, str, str | None]]:
-    """``(op, backend, None or why not)`` for every op and backend, machine-level availability."""
-    return [(op.name, b.name, _cached_availability(b)) for op in OPS.values() for b in op.backends]
+def backend_table() -> list[tuple[str, str, str | None, tuple[str, ...] | None]]:
+    """``(op, backend, None or why not, auto_devices)`` for every op and backend on this machine."""
+    return [(op.name, b.name, _cached_availability(b), b.auto_devices) for op in OPS.values() for b in op.backends]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmae.kernels._common import kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_same_device, check_tensor
 from fastmae.ops.dispatch import Backend, Op
 
@@ -36,7 +37,40 @@ def layer_norm_torch(
     return out if residual is None else (out, total)
 
 
-LAYER_NORM = Op("layer_norm", [Backend("torch", layer_norm_torch), Backend("reference", layer_norm_reference)])
+def _triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> LayerNormOut:
+    from fastmae.kernels.layer_norm import layer_norm_triton
+
+    return layer_norm_triton(x, weight, bias, eps, residual)
+
+
+def _triton_supports(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> str | None:
+    from fastmae.kernels.layer_norm import MAX_D
+
+    tensors = (x, weight, bias) + (() if residual is None else (residual,))
+    reason = triton_why_not(*tensors)
+    if reason is not None:
+        return reason
+    if len({t.device for t in tensors}) > 1:
+        return f"the Triton layer_norm needs all tensors on one device, got {sorted({str(t.device) for t in tensors})}"
+    if x.ndim == 0 or x.shape[-1] == 0:
+        return f"the Triton layer_norm needs a non-empty last dimension, got shape {tuple(x.shape)}"
+    if x.shape[-1] > MAX_D:
+        return f"the Triton layer_norm holds a row in registers: D = {x.shape[-1]} > {MAX_D}"
+    return None
+
+
+LAYER_NORM = Op(
+    "layer_norm",
+    [
+        Backend("triton", _triton, available=kernel_module_available("layer_norm"), supports=_triton_supports, auto_devices=("cuda",)),
+        Backend("torch", layer_norm_torch),
+        Backend("reference", layer_norm_reference),
+    ],
+)
 
 
 def layer_norm(

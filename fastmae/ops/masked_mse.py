@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fastmae.kernels._common import kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_same_device, check_tensor
 from fastmae.ops.dispatch import Backend, Op
 from fastmae.patchify import patchify
@@ -27,7 +28,38 @@ def masked_mse_reference(
     return (per_patch * mask).sum() / mask.sum()
 
 
-MASKED_MSE = Op("masked_mse", [Backend("reference", masked_mse_reference)])
+def _triton(
+    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float = 1e-6
+) -> torch.Tensor:
+    from fastmae.kernels.masked_mse import masked_mse_triton
+
+    return masked_mse_triton(pred, imgs, mask, patch_size, norm_pix, eps)
+
+
+def _triton_supports(
+    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float = 1e-6
+) -> str | None:
+    from fastmae.kernels.masked_mse import MAX_BLOCK_P
+
+    reason = triton_why_not(pred, imgs, mask)
+    if reason is not None:
+        return reason
+    if not mask.is_floating_point():
+        return f"the Triton masked_mse takes a floating-point mask, got {mask.dtype}"
+    if torch.is_grad_enabled() and (imgs.requires_grad or mask.requires_grad):
+        return "the Triton masked_mse gives no gradient for imgs or mask (requires_grad is set on one)"
+    if pred.shape[-1] > MAX_BLOCK_P:
+        return f"the Triton masked_mse holds a patch in registers: P = {pred.shape[-1]} > {MAX_BLOCK_P}"
+    return None
+
+
+MASKED_MSE = Op(
+    "masked_mse",
+    [
+        Backend("triton", _triton, available=kernel_module_available("masked_mse"), supports=_triton_supports, auto_devices=("cuda",)),
+        Backend("reference", masked_mse_reference),
+    ],
+)
 
 
 def masked_mse(

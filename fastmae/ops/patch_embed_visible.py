@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmae.kernels._common import kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_same_device, check_tensor
 from fastmae.ops.dispatch import Backend, Op
 
@@ -28,7 +29,39 @@ def patch_embed_visible_reference(
     return tokens + pos_embed[0, 1:][ids_keep]  # (N, K, D) + (N, K, D)
 
 
-PATCH_EMBED_VISIBLE = Op("patch_embed_visible", [Backend("reference", patch_embed_visible_reference)])
+def _triton_supports(
+    imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor
+) -> str | None:
+    reason = triton_why_not(imgs, ids_keep, weight, bias, pos_embed)
+    if reason is not None:
+        return reason
+    if torch.is_grad_enabled() and imgs.requires_grad:
+        return "the triton backend gives no gradient for imgs (imgs.requires_grad is set)"
+    if torch.is_grad_enabled() and pos_embed.requires_grad:
+        return "the triton backend gives no gradient for pos_embed (pos_embed.requires_grad is set)"
+    device_type = imgs.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if not autocast and not imgs.dtype == weight.dtype == bias.dtype:
+        return (f"imgs, weight and bias must share a dtype outside autocast (as for F.linear), got "
+                f"{imgs.dtype}, {weight.dtype}, {bias.dtype}")
+    return None
+
+
+def _triton(
+    imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor
+) -> torch.Tensor:
+    from fastmae.kernels.patch_embed_visible import patch_embed_visible_triton
+
+    return patch_embed_visible_triton(imgs, ids_keep, weight, bias, pos_embed)
+
+
+PATCH_EMBED_VISIBLE = Op(
+    "patch_embed_visible",
+    [
+        Backend("triton", _triton, available=kernel_module_available("patch_embed_visible"), supports=_triton_supports, auto_devices=("cuda",)),
+        Backend("reference", patch_embed_visible_reference),
+    ],
+)
 
 
 def patch_embed_visible(

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from fastmae.kernels._common import device_why_not, kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_tensor
 from fastmae.ops.dispatch import Backend, Op
+
+MAX_TRITON_PATCHES = 1024  # the Triton kernels hold a sample's whole row of noise in registers
+_U32 = 0xFFFFFFFF
 
 
 def random_masking_reference(
@@ -24,7 +28,29 @@ def random_masking_reference(
     return ids_keep, ids_restore, mask
 
 
-RANDOM_MASKING = Op("random_masking", [Backend("reference", random_masking_reference)])
+def _triton_patches_why_not(num_patches: int) -> str | None:
+    if num_patches > MAX_TRITON_PATCHES:
+        return f"L={num_patches} patches > {MAX_TRITON_PATCHES} (the kernel ranks a whole row in registers)"
+    return None
+
+
+def _triton_supports(noise: torch.Tensor, len_keep: int) -> str | None:
+    return triton_why_not(noise) or _triton_patches_why_not(noise.shape[1])
+
+
+def _triton(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastmae.kernels.random_masking import random_masking_triton
+
+    return random_masking_triton(noise, len_keep)
+
+
+RANDOM_MASKING = Op(
+    "random_masking",
+    [
+        Backend("triton", _triton, available=kernel_module_available("random_masking"), supports=_triton_supports, auto_devices=("cuda",)),
+        Backend("reference", random_masking_reference),
+    ],
+)
 
 
 def random_masking(
@@ -35,3 +61,114 @@ def random_masking(
     if not isinstance(len_keep, int) or not 0 < len_keep <= noise.shape[1]:
         raise ValueError(f"len_keep must be an int in [1, L={noise.shape[1]}], got {len_keep!r}")
     return RANDOM_MASKING(noise, len_keep, backend=backend)
+
+
+# --- second mode: the noise is a Philox stream keyed by (seed, step, sample), never materialised ---
+
+
+def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` 32-bit words of the 64-bit product of uint32 values ``a`` (int64 tensor) and ``b``.
+
+    ``b`` is split in 16-bit halves so that no intermediate leaves int64's range.
+    """
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2**48; a*b = p_hi * 2**16 + p_lo
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _U32
+    return hi, lo
+
+
+def philox4x32_10(
+    counter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], key: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 with 10 rounds (Salmon et al. 2011), as ``triton.language.random.philox_impl``:
+    four uint32 counter words (int64 tensors) and two key words -> four uint32 words (int64 tensors)."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(c0, 0xD2511F53)
+        hi2, lo2 = _mulhilo32(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _U32, (k1 + 0xBB67AE85) & _U32  # Weyl sequence on the key
+    return c0, c1, c2, c3
+
+
+def philox_noise_reference(num_samples: int, num_patches: int, seed: int, step: int,
+                           device: torch.device | str) -> torch.Tensor:
+    """The masking noise of training ``step``: ``(N, L)`` float32 in ``[0, 1)``, exactly what Triton's
+    ``tl.rand(seed, offset)`` gives for ``offset = step * 2**32 + n * L + l``.
+
+    That is Philox4x32-10 with key ``(seed mod 2**32, seed >> 32)`` and counter
+    ``(n*L + l, step, 0, 0)``; its first word ``x``, read as int32, is folded to ``[0, 2**31)``
+    (``~x`` for negative ``x``) and scaled by the float32 nearest to ``4.6566127342e-10``
+    (just under ``2**-31``, so the result stays below 1) in float32 arithmetic.
+    """
+    c0 = torch.arange(num_samples * num_patches, dtype=torch.int64, device=device)  # (N*L,) = n*L + l
+    c1 = torch.full_like(c0, step)
+    zero = torch.zeros_like(c0)
+    x, _, _, _ = philox4x32_10((c0, c1, zero, zero), (seed & _U32, seed >> 32))  # (N*L,) uint32 values
+    folded = torch.where(x >= 2**31, _U32 - x, x)  # int32(x) < 0 -> ~int32(x) = 2**32 - 1 - x
+    scale = torch.tensor(4.6566127342e-10, dtype=torch.float32, device=device)
+    noise = folded.to(torch.int32).to(torch.float32) * scale  # (N*L,) float32 product of float32 values
+    return noise.view(num_samples, num_patches)  # (N, L)
+
+
+def random_masking_philox_reference(
+    num_samples: int, num_patches: int, len_keep: int, seed: int, step: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The spec of the Philox mode: :func:`random_masking_reference` of :func:`philox_noise_reference`."""
+    return random_masking_reference(philox_noise_reference(num_samples, num_patches, seed, step, device), len_keep)
+
+
+def _triton_philox_supports(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
+                            device: torch.device) -> str | None:
+    return device_why_not(device) or _triton_patches_why_not(num_patches)
+
+
+def _triton_philox(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastmae.kernels.random_masking import random_masking_philox_triton
+
+    return random_masking_philox_triton(num_samples, num_patches, len_keep, seed, step, device)
+
+
+RANDOM_MASKING_PHILOX = Op(
+    "random_masking_philox",
+    [
+        Backend("triton", _triton_philox, available=kernel_module_available("random_masking"), supports=_triton_philox_supports,
+                auto_devices=("cuda",)),
+        Backend("reference", random_masking_philox_reference),
+    ],
+)
+
+
+def random_masking_philox(
+    num_samples: int,
+    num_patches: int,
+    len_keep: int,
+    seed: int,
+    step: int,
+    device: torch.device | str,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masks of training ``step`` from a Philox stream keyed by ``(seed, step, sample)``: no noise
+    tensor, and the same ``(seed, step)`` gives the same masks after a resume.
+
+    -> ``(ids_keep (N, K), ids_restore (N, L), mask (N, L))`` as :func:`random_masking` of
+    :func:`philox_noise_reference`. ``0 <= seed < 2**63``, ``0 <= step < 2**31``, ``N*L <= 2**32``
+    (the Philox counter). Sample ``n`` is the index in this batch: with data parallelism, fold the
+    rank into ``seed`` so that ranks draw different masks.
+    """
+    for name, value in (("num_samples", num_samples), ("num_patches", num_patches)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(len_keep, int) or not 0 < len_keep <= num_patches:
+        raise ValueError(f"len_keep must be an int in [1, L={num_patches}], got {len_keep!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if not isinstance(step, int) or not 0 <= step < 2**31:
+        raise ValueError(f"step must be an int in [0, 2**31), got {step!r}")
+    if num_samples * num_patches > 2**32:
+        raise ValueError(f"num_samples * num_patches must be <= 2**32 (Philox counter), got {num_samples * num_patches}")
+    return RANDOM_MASKING_PHILOX(num_samples, num_patches, len_keep, seed, step, torch.device(device), backend=backend)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fastmae.kernels._common import kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_same_device, check_tensor
 from fastmae.ops.dispatch import Backend, Op
 
@@ -26,7 +27,34 @@ def unshuffle_reference(
     return tokens + pos_embed
 
 
-UNSHUFFLE = Op("unshuffle", [Backend("reference", unshuffle_reference)])
+def _triton_supports(
+    x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
+) -> str | None:
+    reason = triton_why_not(x, ids_restore, mask_token, pos_embed)
+    if reason is not None:
+        return reason
+    if pos_embed.requires_grad:
+        return "pos_embed requires grad, but the Triton kernel treats it as a fixed table (no gradient)"
+    if x.shape[0] > 65535:  # CUDA's limit on grid dimension z
+        return f"batch {x.shape[0]} > 65535 (the kernels' grid carries the batch in dimension z)"
+    return None
+
+
+def _triton(
+    x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
+) -> torch.Tensor:
+    from fastmae.kernels.unshuffle import unshuffle_triton
+
+    return unshuffle_triton(x, ids_restore, mask_token, pos_embed)
+
+
+UNSHUFFLE = Op(
+    "unshuffle",
+    [
+        Backend("triton", _triton, available=kernel_module_available("unshuffle"), supports=_triton_supports, auto_devices=("cuda",)),
+        Backend("reference", unshuffle_reference),
+    ],
+)
 
 
 def unshuffle(

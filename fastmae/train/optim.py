@@ -10,7 +10,11 @@ import torch.nn as nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed matrices, and undecayed biases, norm weights and cls/mask tokens."""
+    """Two groups: decayed matrices, and undecayed biases, norm weights and cls/mask tokens.
+
+    The official script (timm's ``add_weight_decay``) decays the 3-D cls and mask tokens; fastmae
+    exempts them, as its pretraining recipe specifies. The fixed pos tables are buffers, never trained.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:

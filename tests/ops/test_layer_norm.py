@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from fastmae import ops
 from fastmae.ops.layer_norm import layer_norm_reference
-from numerics import assert_rel_close
+from numerics import assert_rel_close, rel_err
 
 
 @pytest.mark.parametrize("shape", [(3, 50, 768), (1, 197, 512), (5, 65, 80)])
@@ -43,3 +43,268 @@ def test_public_validates() -> None:
         ops.layer_norm(torch.randn(2, 8), torch.ones(7), torch.zeros(8))
     with pytest.raises(ValueError, match=r"residual must have shape \(2, 8\)"):
         ops.layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(8), residual=torch.randn(2, 7))
+
+
+# --- triton backend (interpreter on CPU here; the gpu-marked tests run on CUDA) -------------------------------
+
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+# One rounding of an fp32 value to bf16/fp16: on a GPU round-to-nearest-even (<= half an ulp: 2^-9 bf16,
+# 2^-12 fp16 relative); Triton 3.8's interpreter rounds fp16 the same way but truncates fp32 -> bf16 (< one
+# ulp, 2^-7 relative). Per element, so also norm-wise.
+CAST_TOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-11}
+
+
+def _inputs(shape: tuple[int, ...], residual: bool, dtype: torch.dtype = torch.float32,
+            param_dtype: torch.dtype | None = None, residual_dtype: torch.dtype | None = None, device: str = "cpu",
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``x (..., D)`` (mean 1, std 3: the statistics matter), ``weight``, ``bias (D,)``, ``residual`` or None;
+    all leaves that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    d = shape[-1]
+    x = (torch.randn(*shape, generator=g) * 3 + 1).to(device, dtype).requires_grad_()
+    r = torch.randn(*shape, generator=g).to(device, residual_dtype or dtype).requires_grad_() if residual else None
+    w = (1 + 0.5 * torch.randn(d, generator=g)).to(device, param_dtype or dtype).requires_grad_()
+    b = torch.randn(d, generator=g).to(device, param_dtype or dtype).requires_grad_()
+    return x, w, b, r
+
+
+def _upstream(shape: tuple[int, ...], residual: bool, seed: int = 1, device: str = "cpu") -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g).to(device) for _ in range(2 if residual else 1)]
+
+
+def _run(backend: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None,
+         upstream: list[torch.Tensor], eps: float = 1e-6) -> list[torch.Tensor]:
+    """``[out, (sum,) grad_x, grad_w, grad_b, (grad_r)]`` of one backend for the upstream gradients."""
+    got = ops.layer_norm(x, w, b, eps, r, backend=backend)
+    outs = list(got) if r is not None else [got]
+    inputs = [x, w, b] + ([r] if r is not None else [])
+    grads = torch.autograd.grad(outs, inputs, [u.to(o.dtype) for u, o in zip(upstream, outs)])
+    return outs + list(grads)
+
+
+def _names(residual: bool) -> list[str]:
+    return ["out"] + (["sum"] if residual else []) + ["grad x", "grad weight", "grad bias"] + (
+        ["grad residual"] if residual else [])
+
+
+def _upcast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """fp32 leaf copies (same values) that require grad."""
+    return [None if t is None else t.detach().float().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shape", [
+    (3, 50, 768),  # ViT-B encoder, patch 16: 1 + 49 visible tokens
+    (1, 65, 1280),  # ViT-H encoder, patch 14: 1 + 64 visible tokens
+    (1, 197, 512),  # decoder, patch 16 (196 patches + cls)
+    (3, 257, 512),  # decoder, patch 14 (256 patches + cls)
+    (2, 50, 1024),  # ViT-L encoder
+    (3, 7, 96),  # small widths, not powers of two
+    (5, 65, 80),
+    (7, 24),  # plain (R, D)
+    (2, 3, 5, 96),  # 4-D
+    (1, 3, 4096),  # the widest rows the Triton backend takes
+])
+def test_triton_matches_reference_fp32(shape: tuple[int, ...], residual: bool) -> None:
+    args = _inputs(shape, residual, seed=shape[-1] + len(shape))
+    upstream = _upstream(shape, residual)
+    got, want = _run("triton", *args, upstream), _run("reference", *args, upstream)
+    for g, w, name in zip(got, want, _names(residual)):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        if name == "sum":
+            assert torch.equal(g, w), name  # the same fp32 add
+        else:
+            assert_rel_close(g, w, 1e-5, name)
+
+
+def test_triton_eps_is_used() -> None:
+    args = _inputs((1, 50, 96), False)
+    args[0].data.mul_(1e-3)  # variance ~1e-5: eps 1e-2 changes the result a lot
+    upstream = _upstream((1, 50, 96), False)
+    for got, want, name in zip(_run("triton", *args, upstream, eps=1e-2), _run("reference", *args, upstream, eps=1e-2),
+                               _names(False)):
+        assert_rel_close(got, want, 1e-5, name)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_triton_gpu_tiling_several_steps_per_program(monkeypatch: pytest.MonkeyPatch, residual: bool) -> None:
+    """The GPU's backward tile (2048: 4 rows of 512) with 3 programs: each walks several row tiles, the last
+    one a ragged tile (197 rows = 68 + 68 + 61), then the 3 partial rows are reduced."""
+    from fastmae.kernels import layer_norm as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETER_TILE", kernels.GPU_BWD_TILE)
+    monkeypatch.setattr(kernels, "INTERPRETER_BWD_PROGRAMS", 3)
+    assert kernels._bwd_programs(197, 4, torch.device("cpu")) == (3, 68)
+    args = _inputs((1, 197, 512), residual, seed=3)
+    upstream = _upstream((1, 197, 512), residual)
+    for got, want, name in zip(_run("triton", *args, upstream), _run("reference", *args, upstream), _names(residual)):
+        assert_rel_close(got, want, 1e-5, name)
+
+
+def test_triton_only_some_outputs_and_inputs_need_grad() -> None:
+    x, w, b, r = _inputs((3, 50, 96), True, seed=4)
+    outs = {}
+    for backend in ("triton", "reference"):
+        out, total = ops.layer_norm(x, w, b, 1e-6, r, backend=backend)
+        only_sum = torch.autograd.grad(total.square().sum(), (x, r), retain_graph=True)  # the norm's output unused
+        only_out = torch.autograd.grad(out.square().sum(), (x, w, b, r))  # the sum unused
+        out = ops.layer_norm(x.detach(), w, b, 1e-6, r.detach(), backend=backend)[0]
+        only_params = torch.autograd.grad(out.sum(), (w, b))  # x and residual need no grad
+        residual_only = torch.autograd.grad(ops.layer_norm(x.detach(), w.detach(), b.detach(), 1e-6, r,
+                                                           backend=backend)[0].square().sum(), r)
+        outs[backend] = [*only_sum, *only_out, *only_params, *residual_only]
+    for got, want in zip(outs["triton"], outs["reference"]):
+        assert_rel_close(got, want, 1e-5, "gradient")
+
+
+def test_triton_noncontiguous_inputs_and_upstream() -> None:
+    x, w, b, r = _inputs((2, 50, 96), True, seed=5)
+    x_t = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # same values, strided
+    r_t = r.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not x_t.is_contiguous() and not r_t.is_contiguous()
+    w_s = torch.randn(192).requires_grad_()
+    outs = {}
+    for backend in ("triton", "reference"):
+        out, total = ops.layer_norm(x_t, w_s[::2], b, 1e-6, r_t, backend=backend)
+        outs[backend] = [out, total, *torch.autograd.grad(out.sum() + total.sum(), (x_t, w_s, b, r_t))]  # expanded 1s
+    for got, want in zip(outs["triton"], outs["reference"]):
+        assert_rel_close(got, want, 1e-5, "noncontiguous")
+
+
+def test_triton_no_rows() -> None:
+    x, w, b, r = _inputs((0, 96), True)
+    out, total = ops.layer_norm(x, w, b, 1e-6, r, backend="triton")
+    assert out.shape == total.shape == (0, 96)
+    gw, gb = torch.autograd.grad(out.sum(), (w, b))
+    assert torch.equal(gw, torch.zeros(96)) and torch.equal(gb, torch.zeros(96))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_triton_low_precision_interpreter(dtype: torch.dtype, residual: bool) -> None:
+    """bf16/fp16 activations and parameters: the output, the sum and every gradient in the inputs' dtypes."""
+    shape = (2, 50, 768)
+    args = _inputs(shape, residual, dtype, seed=6)
+    upstream = _upstream(shape, residual)
+    got = _run("triton", *args, upstream)
+    same = _run("reference", *args, upstream)  # the reference on the same low-precision inputs
+    want = _run("reference", *_upcast(*args), [u.to(dtype).float() for u in upstream])  # fp32 on the same values
+    for g, s, w, name in zip(got, same, want, _names(residual)):
+        assert g.dtype == s.dtype == dtype, name
+        # Both compute in fp32 from the same inputs and round once (the interpreter may truncate where torch
+        # rounds): one ulp apart, plus the reference's own double rounding of gradients (it rounds the norm's
+        # gradient to the sum's dtype, then adds the sum's gradient and rounds again).
+        assert_rel_close(g, s, 2 * CAST_TOL[dtype], name)
+        # Against fp32 math on the same values: our final rounding (1 ulp) plus, with a residual, the rounding
+        # of the sum the statistics are taken on (1 ulp of s, carried through the normalisation and grown by
+        # |s| / |s - mean|, about 1.1 for these inputs): 3 ulp leaves a margin (seen: at most 0.64 ulp).
+        assert_rel_close(g, w, 3 * CAST_TOL[dtype], name)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_triton_autocast_dtypes_interpreter(dtype: torch.dtype) -> None:
+    """As under autocast: a bf16/fp16 branch output, the fp32 residual stream and fp32 parameters: the output
+    and the sum are fp32, x's gradient is in x's dtype."""
+    shape = (1, 65, 1280)
+    args = _inputs(shape, True, dtype, param_dtype=torch.float32, residual_dtype=torch.float32, seed=7)
+    upstream = _upstream(shape, True)
+    got, want = _run("triton", *args, upstream), _run("reference", *args, upstream)
+    for g, w, name in zip(got, want, _names(True)):
+        assert g.dtype == w.dtype, name
+        assert g.dtype == (dtype if name == "grad x" else torch.float32), name
+        # fp32 math on identical values; only x's gradient is rounded to the low precision (one ulp)
+        assert_rel_close(g, w, CAST_TOL[dtype] if name == "grad x" else 1e-5, name)
+
+
+def test_triton_fp16_params_with_fp32_activations() -> None:
+    args = _inputs((3, 50, 96), True, param_dtype=torch.float16, seed=8)
+    upstream = _upstream((3, 50, 96), True)
+    got, want = _run("triton", *args, upstream), _run("reference", *args, upstream)
+    for g, w, name in zip(got, want, _names(True)):
+        assert g.dtype == w.dtype, name
+        # fp32 math on identical values; the parameter gradients are rounded once to fp16
+        assert_rel_close(g, w, CAST_TOL[torch.float16] if "weight" in name or "bias" in name else 1e-5, name)
+
+
+def test_triton_ops_schema_and_autograd_registration() -> None:
+    """opcheck's checks that run under the interpreter (fake-tensor and compile checks need a GPU)."""
+    from fastmae.kernels.layer_norm import layer_norm_backward_op, layer_norm_op
+
+    checks = ("test_schema", "test_autograd_registration")
+    x, w, b, r = _inputs((2, 7, 96), True)
+    torch.library.opcheck(layer_norm_op, (x, w, b, 1e-6, r), test_utils=checks)
+    torch.library.opcheck(layer_norm_op, (x, w, b, 1e-6, None), test_utils=checks)
+    _, total, mean, rstd = layer_norm_op(x.detach(), w.detach(), b.detach(), 1e-6, r.detach())
+    g = torch.randn(2, 7, 96)
+    torch.library.opcheck(layer_norm_backward_op, (g, g.clone(), total, w.detach(), mean, rstd, torch.float32),
+                          test_utils=checks)
+
+
+def test_triton_supports_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    triton_backend = ops.OPS["layer_norm"].backend("triton")
+    x, w, b, r = _inputs((2, 7, 96), True)
+    assert triton_backend.why_not((x, w, b, 1e-6, r)) is None
+    assert ops.OPS["layer_norm"].select((x, w, b, 1e-6, r)).name == "torch"  # CPU: not by priority
+    wide = torch.randn(2, 4097)
+    refused = {
+        "D = 4097 > 4096": (wide, torch.ones(4097), torch.zeros(4097), 1e-6, None),
+        "fp32/bf16/fp16": (x.detach().double(), w.detach().double(), b.detach().double(), 1e-6, None),
+        "one device": (x, w.detach().to("meta"), b, 1e-6, r),
+        "non-empty last dimension": (torch.randn(3, 0), torch.ones(0), torch.zeros(0), 1e-6, None),
+    }
+    for reason, args in refused.items():
+        assert reason in (triton_backend.why_not(args) or ""), reason
+        with pytest.raises(ops.BackendUnavailableError, match=reason):
+            ops.layer_norm(*args, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "interpreter" in triton_backend.why_not((x, w, b, 1e-6, r))
+
+
+GPU_SHAPES = [(64, 50, 768), (32, 65, 1280), (16, 197, 512), (16, 257, 512), (64, 50, 1024), (8, 65, 96)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_gpu_low_precision(dtype: torch.dtype, residual: bool, shape: tuple[int, ...]) -> None:
+    """Error vs the fp32 reference at most 2x the reference's own error in the same low precision + a floor."""
+    args32 = _inputs(shape, residual, device="cuda", seed=shape[-1])
+    low = [None if t is None else t.detach().to(dtype).requires_grad_() for t in args32]
+    upstream = _upstream(shape, residual, device="cuda")
+    want = _run("reference", *args32, upstream)
+    torch_low = _run("reference", *low, upstream)
+    got = _run("triton", *low, upstream)
+    for g, t, w, name in zip(got, torch_low, want, _names(residual)):
+        assert g.dtype == t.dtype, name
+        assert_rel_close(g, w, 2 * rel_err(t, w) + 1e-5, name)
+    again = _run("triton", *low, upstream)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))  # no atomics: bit-identical run to run
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_triton_gpu_autocast_dtypes(dtype: torch.dtype) -> None:
+    shape = (64, 50, 768)
+    args = _inputs(shape, True, dtype, param_dtype=torch.float32, residual_dtype=torch.float32, device="cuda")
+    upstream = _upstream(shape, True, device="cuda")
+    got, want = _run("triton", *args, upstream), _run("reference", *args, upstream)
+    for g, w, name in zip(got, want, _names(True)):
+        assert g.dtype == w.dtype, name
+        assert_rel_close(g, w, CAST_TOL[dtype] if name == "grad x" else 1e-5, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_triton_gpu_opcheck(dtype: torch.dtype, residual: bool) -> None:
+    from fastmae.kernels.layer_norm import layer_norm_backward_op, layer_norm_op
+
+    x, w, b, r = _inputs((4, 50, 768), residual, dtype, device="cuda")
+    torch.library.opcheck(layer_norm_op, (x, w, b, 1e-6, r))
+    _, total, mean, rstd = layer_norm_op(x.detach(), w.detach(), b.detach(), 1e-6, None if r is None else r.detach())
+    g = torch.randn(4, 50, 768, device="cuda", dtype=dtype)
+    s = total if residual else x.detach()
+    grad_sum = g.clone() if residual else None
+    torch.library.opcheck(layer_norm_backward_op, (g, grad_sum, s, w.detach(), mean, rstd, dtype))

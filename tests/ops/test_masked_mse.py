@@ -52,3 +52,194 @@ def test_public_validates() -> None:
         ops.masked_mse(pred, imgs, mask, 5, False)
     with pytest.raises(ValueError, match=r"mask must have shape \(2, 4\)"):
         ops.masked_mse(pred, imgs, torch.ones(2, 5), 16, False)
+
+
+# ---- triton backend (interpreter here, TRITON_INTERPRET=1 from conftest; CUDA in the gpu tests) ----
+
+from fastmae.ops.dispatch import BackendUnavailableError  # noqa: E402
+from numerics import rel_err  # noqa: E402
+
+# (batch, patch, H, W): 196 and 256 patches at 224 px (p=16, p=14), 256 at p=16, non-square 4x6 grids
+MAE_SHAPES = [(3, 16, 224, 224), (1, 14, 224, 224), (1, 16, 256, 256), (3, 16, 64, 96), (1, 14, 56, 84)]
+
+
+def _case(n: int, p: int, hh: int, ww: int, seed: int = 0, dtype: torch.dtype = torch.float32,
+          device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pred (N, L, P), imgs (N, 3, H, W) with a non-zero mean, MAE mask (N, L) at ratio 0.75."""
+    g = torch.Generator().manual_seed(seed)
+    num_patches = (hh // p) * (ww // p)
+    imgs = torch.randn(n, 3, hh, ww, generator=g) * 1.5 + 0.4
+    pred = torch.randn(n, num_patches, p * p * 3, generator=g)
+    _, _, mask = ops.random_masking(torch.rand(n, num_patches, generator=g), num_patches - int(num_patches * 0.75))
+    return pred.to(device, dtype), imgs.to(device, dtype), mask.to(device)
+
+
+def _loss_and_grad(backend: str, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p: int,
+                   norm_pix: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    pred = pred.detach().requires_grad_(True)
+    loss = ops.masked_mse(pred, imgs, mask, p, norm_pix, backend=backend)
+    (grad,) = torch.autograd.grad(loss, pred)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("n,p,hh,ww", MAE_SHAPES)
+def test_triton_matches_reference(norm_pix: bool, n: int, p: int, hh: int, ww: int) -> None:
+    pred, imgs, mask = _case(n, p, hh, ww, seed=n + p + hh)
+    loss, grad = _loss_and_grad("triton", pred, imgs, mask, p, norm_pix)
+    want_loss, want_grad = _loss_and_grad("reference", pred, imgs, mask, p, norm_pix)
+    assert loss.dtype == want_loss.dtype and grad.dtype == pred.dtype and loss.shape == ()
+    assert_rel_close(loss, want_loss, 1e-5, "loss")
+    assert_rel_close(grad, want_grad, 1e-5, "grad")
+    assert torch.all(grad[mask == 0] == 0)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_triton_general_mask_weights_and_strided_inputs(norm_pix: bool) -> None:
+    """Float weights give sum(per_patch * mask) / sum(mask); non-contiguous pred and channels-last imgs."""
+    pred, imgs, mask = _case(3, 16, 64, 96, seed=7)
+    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(1)) * 2 * mask  # 0 on kept
+    pred_t = pred.transpose(1, 2).contiguous().transpose(1, 2)  # (N, L, P) with stride 1 along L
+    imgs_cl = imgs.contiguous(memory_format=torch.channels_last)
+    weights_t = weights.t().contiguous().t()  # (N, L) with stride 1 along N
+    loss, grad = _loss_and_grad("triton", pred_t, imgs_cl, weights_t, 16, norm_pix)
+    want_loss, want_grad = _loss_and_grad("reference", pred, imgs, weights, 16, norm_pix)
+    assert_rel_close(loss, want_loss, 1e-5, "loss")
+    assert_rel_close(grad, want_grad, 1e-5, "grad")
+
+
+def test_triton_gpu_tiling_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter runs larger tiles (fewer programs); this runs the GPU's (4 patches a program)."""
+    import fastmae.kernels.masked_mse as kernel
+
+    monkeypatch.setattr(kernel, "INTERPRETER_TILE", kernel.GPU_TILE)
+    pred, imgs, mask = _case(1, 14, 224, 224, seed=3)
+    loss, grad = _loss_and_grad("triton", pred, imgs, mask, 14, True)
+    want_loss, want_grad = _loss_and_grad("reference", pred, imgs, mask, 14, True)
+    assert_rel_close(loss, want_loss, 1e-5, "loss")
+    assert_rel_close(grad, want_grad, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_triton_bit_identical_across_runs(norm_pix: bool) -> None:
+    pred, imgs, mask = _case(3, 16, 224, 224, seed=11)
+    first = _loss_and_grad("triton", pred, imgs, mask, 16, norm_pix)
+    second = _loss_and_grad("triton", pred, imgs, mask, 16, norm_pix)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning", r"ignore:var\(\)")  # 0/0 on purpose
+def test_triton_no_removed_patch_and_empty_batch_as_reference() -> None:
+    """sum(mask) == 0: NaN loss and NaN gradient, as the reference's 0/0; an empty batch gives NaN."""
+    pred, imgs, mask = _case(2, 16, 32, 48)
+    loss, grad = _loss_and_grad("triton", pred, imgs, torch.zeros_like(mask), 16, True)
+    want_loss, want_grad = _loss_and_grad("reference", pred, imgs, torch.zeros_like(mask), 16, True)
+    assert loss.isnan() and want_loss.isnan() and grad.isnan().all() and want_grad.isnan().all()
+    loss, grad = _loss_and_grad("triton", pred[:0], imgs[:0], mask[:0], 16, False)
+    assert loss.isnan() and grad.shape == (0, 6, 768)
+
+
+# bf16/fp16 inputs through the interpreter, against the fp32 reference on the same (rounded) values:
+# the kernel computes in fp32 from exactly those values, so the only errors are the final roundings
+# of the loss and of each gradient element to the low-precision dtype: relative 2^-9 (bf16) or 2^-12
+# (fp16) per value; the bounds allow twice that.
+LOW_TOL = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_triton_low_precision_inputs(dtype: torch.dtype, norm_pix: bool) -> None:
+    pred, imgs, mask = _case(3, 16, 64, 96, seed=5, dtype=dtype)
+    loss, grad = _loss_and_grad("triton", pred, imgs, mask.to(dtype), 16, norm_pix)
+    want_loss, want_grad = _loss_and_grad("reference", pred.float(), imgs.float(), mask, 16, norm_pix)
+    assert loss.dtype == dtype and grad.dtype == dtype  # the reference's dtype for all-low-precision inputs
+    assert_rel_close(loss, want_loss, LOW_TOL[dtype], "loss")
+    assert_rel_close(grad, want_grad, LOW_TOL[dtype], "grad")
+
+
+@pytest.mark.parametrize("pred_dtype,imgs_dtype,mask_dtype", [
+    (torch.bfloat16, torch.float32, torch.float32),  # autocast's pred, fp32 images
+    (torch.bfloat16, torch.bfloat16, torch.float32),  # an fp32 mask promotes the loss to fp32
+    (torch.float16, torch.bfloat16, torch.float16),  # fp16 with bf16 promotes to fp32
+])
+def test_triton_mixed_dtypes_give_the_reference_dtype(pred_dtype: torch.dtype, imgs_dtype: torch.dtype,
+                                                      mask_dtype: torch.dtype) -> None:
+    pred, imgs, mask = _case(1, 16, 64, 96, seed=9)
+    pred, imgs, mask = pred.to(pred_dtype), imgs.to(imgs_dtype), mask.to(mask_dtype)
+    loss, grad = _loss_and_grad("triton", pred, imgs, mask, 16, True)
+    want_loss, _ = _loss_and_grad("reference", pred, imgs, mask, 16, True)
+    fp32_loss, fp32_grad = _loss_and_grad("reference", pred.float(), imgs.float(), mask.float(), 16, True)
+    assert loss.dtype == want_loss.dtype and grad.dtype == pred_dtype
+    assert_rel_close(loss, fp32_loss, 2.0**-8, "loss")  # see LOW_TOL
+    assert_rel_close(grad, fp32_grad, 2.0**-8, "grad")
+
+
+def test_triton_supports_refuses() -> None:
+    pred, imgs, mask = _case(1, 16, 32, 48)
+    backend = ops.OPS["masked_mse"].backend("triton")
+    assert backend.why_not((pred, imgs, mask, 16, True, 1e-6)) is None
+    refused = {
+        "imgs requires grad": (pred, imgs.clone().requires_grad_(True), mask),
+        "mask requires grad": (pred, imgs, mask.clone().requires_grad_(True)),
+        "integer mask": (pred, imgs, mask.long()),
+        "fp64 pred": (pred.double(), imgs, mask),
+    }
+    for what, (pr, im, ma) in refused.items():
+        assert backend.why_not((pr, im, ma, 16, True, 1e-6)), what
+        with pytest.raises(BackendUnavailableError, match="triton"):
+            ops.masked_mse(pr, im, ma, 16, True, backend="triton")
+    big = (torch.empty(1, 1, 64 * 64 * 3), torch.empty(1, 3, 64, 64), torch.ones(1, 1), 64, True, 1e-6)
+    assert "P = 12288" in backend.why_not(big)
+    with torch.no_grad():  # no gradient asked for: images that require grad are fine
+        assert backend.why_not((pred, imgs.clone().requires_grad_(True), mask, 16, True, 1e-6)) is None
+
+
+# ---- GPU (skipped without CUDA) ----
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("n,p,hh,ww", [(64, 16, 224, 224), (32, 14, 224, 224), (3, 16, 64, 96)])
+def test_triton_low_precision_on_gpu(dtype: torch.dtype, norm_pix: bool, n: int, p: int, hh: int, ww: int) -> None:
+    """Error vs the fp32 reference at most twice PyTorch's own (the reference in dtype), plus a floor."""
+    pred, imgs, mask = _case(n, p, hh, ww, seed=n + p, device="cuda")
+    want_loss, want_grad = _loss_and_grad("reference", pred, imgs, mask, p, norm_pix)
+    low = (pred.to(dtype), imgs.to(dtype), mask.to(dtype))
+    torch_loss, torch_grad = _loss_and_grad("reference", *low, p, norm_pix)
+    loss, grad = _loss_and_grad("triton", *low, p, norm_pix)
+    assert loss.dtype == torch_loss.dtype and grad.dtype == dtype
+    floor = 2.0**-10
+    assert rel_err(loss, want_loss) <= 2 * rel_err(torch_loss, want_loss) + floor
+    assert rel_err(grad, want_grad) <= 2 * rel_err(torch_grad, want_grad) + floor
+
+
+@pytest.mark.gpu
+def test_triton_on_gpu_fp32_autocast_and_determinism() -> None:
+    pred, imgs, mask = _case(64, 16, 224, 224, seed=2, device="cuda")
+    loss, grad = _loss_and_grad("triton", pred, imgs, mask, 16, True)
+    want_loss, want_grad = _loss_and_grad("reference", pred, imgs, mask, 16, True)
+    assert_rel_close(loss, want_loss, 1e-5, "loss")
+    assert_rel_close(grad, want_grad, 1e-5, "grad")
+    again = _loss_and_grad("triton", pred, imgs, mask, 16, True)
+    assert torch.equal(loss, again[0]) and torch.equal(grad, again[1])
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # bf16 pred, fp32 images: fp32 loss, as the reference
+        low = pred.bfloat16()
+        got, _ = _loss_and_grad("triton", low, imgs, mask, 16, True)
+        want, _ = _loss_and_grad("reference", low, imgs, mask, 16, True)
+    assert got.dtype == want.dtype == torch.float32
+    assert_rel_close(got, want, 1e-5, "autocast loss")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_opcheck_on_gpu(dtype: torch.dtype) -> None:
+    import fastmae.kernels.masked_mse  # noqa: F401  (registers the ops)
+
+    pred, imgs, mask = _case(2, 16, 64, 96, seed=4, dtype=dtype, device="cuda")
+    pred.requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastmae_triton.masked_mse.default, (pred, imgs, mask, 16, True, 1e-6, dtype))
+    mask_sum = mask.sum().float()
+    grad_loss = torch.ones((), device="cuda", dtype=dtype)
+    torch.library.opcheck(torch.ops.fastmae_triton.masked_mse_backward.default,
+                          (grad_loss, mask_sum, pred.detach(), imgs, mask, 16, True, 1e-6))

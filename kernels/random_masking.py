@@ -1,0 +1,191 @@
+"""random_masking in Triton: rank, ``ids_keep``, ``ids_restore`` and ``mask`` in one launch.
+
+Fused: the two argsorts of the reference (shuffle, then its inverse), the slice to ``len_keep`` and
+the mask. Grid ``(N,)``: one program per sample ranks its ``L <= 1024`` noise values by counting,
+``rank[l] = #{m : noise[m] < noise[l] or (noise[m] == noise[l] and m < l)}`` (NaN after everything,
+NaNs among themselves by index: what ``torch.argsort(stable=True)`` does). That rank is the position
+of ``l`` in the stable ascending sort, so it *is* ``ids_restore[n, l]``; ``mask = rank >= K``, and
+``ids_keep[n, rank[l]] = l`` for ``rank < K`` (ranks are a permutation: every slot written once).
+
+The whole row sits in registers as a ``(BLOCK_L,)`` vector; the program walks it in row blocks of
+``BLOCK_I`` and compares each block against the whole row, a ``(BLOCK_I, BLOCK_L)`` tile of at most
+``_TILE`` elements (32 per thread at 4 warps, no spills), counting along the row. ``L^2`` compares per
+sample: 64 Ki at L=256, 1 Mi at L=1024 -- far below the memory traffic's time.
+
+Philox mode (``random_masking_philox``): no noise tensor exists. The noise of patch ``l`` of sample
+``n`` at training ``step`` is ``tl.rand(seed, offset)`` with ``offset = step * 2**32 + n * L + l``:
+Triton's Philox4x32-10 with key ``seed`` (64 bit) and counter ``(n*L + l, step, 0, 0)``, first
+output word mapped to ``[0, 1)`` -- counter-based, so the masks of any (seed, step) are reproduced
+after a resume without replaying the stream. The row block's noise is regenerated in registers
+(``2*L`` Philox evaluations per sample) instead of being kept in memory.
+:func:`fastmae.ops.random_masking.philox_noise_reference` computes the same numbers in torch.
+
+Bytes moved per call (``e``: element size of noise): noise mode ``N*L*e`` read (the row-block re-read
+hits L1/L2) + ``N*L*8`` (ids_restore) + ``N*L*4`` (mask) + ``N*K*8`` (ids_keep) written; Philox mode
+the writes only.
+
+Choices: counting instead of a bitonic sort -- ties and NaN are resolved exactly as the stable
+reference without an index payload, and at ``L <= 1024`` the quadratic compare count costs less than
+the writes. Comparisons in fp32 (bf16/fp16 -> fp32 is exact and order-preserving). ``BLOCK_L`` is
+the next power of two of L, ``BLOCK_I = _TILE // BLOCK_L``: MAE's 196 and 256 patches share one
+configuration. No gradient: the outputs are indices and a 0/1 mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmae.kernels.aot import AotKernel
+
+MAX_PATCHES = 1024  # the whole row lives in registers
+_TILE = 4096  # elements of one (BLOCK_I, BLOCK_L) comparison tile
+
+
+@triton.jit
+def _rank_and_store(
+    noise_blk,  # (BLOCK_I,) fp32: noise of the rows of this block
+    rows,  # (BLOCK_I,) patch indices of the block
+    noise_row,  # (BLOCK_L,) fp32: noise of the whole row
+    cols,  # (BLOCK_L,) patch indices 0..BLOCK_L-1
+    n,  # sample (int64)
+    ids_keep_ptr,  # (N, K) int64
+    ids_restore_ptr,  # (N, L) int64
+    mask_ptr,  # (N, L) fp32
+    num_patches,  # L
+    num_keep,  # K
+):
+    row_ok = rows < num_patches
+    a = noise_blk[:, None]  # (BLOCK_I, 1): the patch being ranked
+    b = noise_row[None, :]  # (1, BLOCK_L): the patches it is compared with
+    a_nan = a != a
+    b_nan = b != b
+    earlier = cols[None, :] < rows[:, None]  # (BLOCK_I, BLOCK_L)
+    tie = (a == b) | (a_nan & b_nan)
+    before = (b < a) | (a_nan & ~b_nan) | (tie & earlier)  # b sorts before a (stable, NaN last)
+    before = before & (cols < num_patches)[None, :]
+    rank = tl.sum(before.to(tl.int32), axis=1)  # (BLOCK_I,) = ids_restore
+    tl.store(ids_restore_ptr + n * num_patches + rows, rank.to(tl.int64), mask=row_ok)
+    tl.store(mask_ptr + n * num_patches + rows, (rank >= num_keep).to(tl.float32), mask=row_ok)
+    tl.store(ids_keep_ptr + n * num_keep + rank, rows.to(tl.int64), mask=row_ok & (rank < num_keep))
+
+
+@triton.jit
+def _random_masking_kernel(
+    noise_ptr,  # (N, L) contiguous
+    ids_keep_ptr,  # (N, K) int64
+    ids_restore_ptr,  # (N, L) int64
+    mask_ptr,  # (N, L) fp32
+    num_patches,  # L
+    num_keep,  # K
+    BLOCK_L: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    row_ptr = noise_ptr + n * num_patches
+    cols = tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+    noise_row = tl.load(row_ptr + cols, mask=cols < num_patches, other=0.0).to(tl.float32)
+    for start in range(0, num_patches, BLOCK_I):
+        rows = start + tl.arange(0, BLOCK_I)  # (BLOCK_I,)
+        noise_blk = tl.load(row_ptr + rows, mask=rows < num_patches, other=0.0).to(tl.float32)
+        _rank_and_store(noise_blk, rows, noise_row, cols, n, ids_keep_ptr, ids_restore_ptr, mask_ptr,
+                        num_patches, num_keep)
+
+
+@triton.jit(do_not_specialize=["seed", "step"])  # one compilation for every (seed, step), 1 included
+def _random_masking_philox_kernel(
+    ids_keep_ptr,  # (N, K) int64
+    ids_restore_ptr,  # (N, L) int64
+    mask_ptr,  # (N, L) fp32
+    seed,  # Philox key, 0 <= seed < 2**63
+    step,  # Philox counter word 1, 0 <= step < 2**31
+    num_patches,  # L
+    num_keep,  # K
+    BLOCK_L: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    base = (step.to(tl.int64) << 32) + n * num_patches  # offset of patch 0: counter (n*L, step)
+    cols = tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+    noise_row = tl.rand(seed, base + cols)  # (BLOCK_L,) fp32 in [0, 1); columns >= L are never counted
+    for start in range(0, num_patches, BLOCK_I):
+        rows = start + tl.arange(0, BLOCK_I)  # (BLOCK_I,)
+        noise_blk = tl.rand(seed, base + rows)  # (BLOCK_I,) the same numbers as noise_row's
+        _rank_and_store(noise_blk, rows, noise_row, cols, n, ids_keep_ptr, ids_restore_ptr, mask_ptr,
+                        num_patches, num_keep)
+
+
+def _blocks(num_patches: int) -> tuple[int, int]:
+    """``(BLOCK_L, BLOCK_I)`` for ``L`` patches: the whole row, and rows per ``_TILE``-element tile."""
+    block_l = triton.next_power_of_2(num_patches)
+    return block_l, max(1, _TILE // block_l)
+
+
+def _empty_outputs(n: int, num_patches: int, num_keep: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids_keep = torch.empty((n, num_keep), dtype=torch.int64, device=device)
+    ids_restore = torch.empty((n, num_patches), dtype=torch.int64, device=device)
+    mask = torch.empty((n, num_patches), dtype=torch.float32, device=device)
+    return ids_keep, ids_restore, mask
+
+
+@torch.library.triton_op("fastmae_triton::random_masking", mutates_args=())
+def random_masking_op(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous ``noise (N, L)``, ``L <= 1024`` -> ``ids_keep (N, K)``, ``ids_restore (N, L)`` int64,
+    ``mask (N, L)`` fp32."""
+    n, num_patches = noise.shape
+    ids_keep, ids_restore, mask = _empty_outputs(n, num_patches, len_keep, noise.device)
+    block_l, block_i = _blocks(num_patches)
+    torch.library.wrap_triton(_random_masking_kernel)[(n,)](
+        noise, ids_keep, ids_restore, mask, num_patches, len_keep, BLOCK_L=block_l, BLOCK_I=block_i)
+    return ids_keep, ids_restore, mask
+
+
+@torch.library.triton_op("fastmae_triton::random_masking_philox", mutates_args=())
+def random_masking_philox_op(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
+                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ids_keep (N, K)``, ``ids_restore (N, L)`` int64, ``mask (N, L)`` fp32 from the Philox noise
+    of ``(seed, step)``; ``L <= 1024``."""
+    ids_keep, ids_restore, mask = _empty_outputs(num_samples, num_patches, len_keep, device)
+    block_l, block_i = _blocks(num_patches)
+    torch.library.wrap_triton(_random_masking_philox_kernel)[(num_samples,)](
+        ids_keep, ids_restore, mask, seed, step, num_patches, len_keep, BLOCK_L=block_l, BLOCK_I=block_i)
+    return ids_keep, ids_restore, mask
+
+
+def random_masking_triton(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`fastmae.ops.random_masking.random_masking_reference`: ``noise (N, L)``, ``L <= 1024``
+    -> ``ids_keep (N, K)``, ``ids_restore (N, L)`` int64, ``mask (N, L)`` fp32 (1 = removed).
+    ``noise`` gets no gradient (the outputs are indices and a constant mask)."""
+    return random_masking_op(noise.detach().contiguous(), len_keep)
+
+
+def random_masking_philox_triton(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
+                                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`fastmae.ops.random_masking.random_masking_philox_reference`, the noise generated in
+    registers: ``ids_keep (N, K)``, ``ids_restore (N, L)`` int64, ``mask (N, L)`` fp32.
+    ``0 <= seed < 2**63``, ``0 <= step < 2**31``, ``N*L <= 2**32``, ``L <= 1024``."""
+    return random_masking_philox_op(num_samples, num_patches, len_keep, seed, step, torch.device(device))
+
+
+_OUTS = {"ids_keep_ptr": "*i64", "ids_restore_ptr": "*i64", "mask_ptr": "*fp32"}
+_SIG = {"noise_ptr": "*{dtype}", **_OUTS, "num_patches": "i32", "num_keep": "i32",
+        "BLOCK_L": "constexpr", "BLOCK_I": "constexpr"}
+_SIG_PHILOX = {**_OUTS, "seed": "i64", "step": "i32", "num_patches": "i32", "num_keep": "i32",
+               "BLOCK_L": "constexpr", "BLOCK_I": "constexpr"}
+# MAE's 196 (patch 16 at 224 px, patch 14 at 196 px) and 256 (patch 14 at 224 px) patches share
+# BLOCK_L=256, BLOCK_I=16; the 1024-patch limit takes BLOCK_L=1024, BLOCK_I=4. Noise from
+# torch.rand is fp32: "fp32" entries compile that case too (the tool varies only "{dtype}").
+_MAE = dict(zip(("BLOCK_L", "BLOCK_I"), _blocks(196)))
+_MAX = dict(zip(("BLOCK_L", "BLOCK_I"), _blocks(MAX_PATCHES)))
+AOT_KERNELS = [
+    AotKernel(fn=_random_masking_kernel, signature=_SIG, constexprs=_MAE, label="L196-256"),
+    AotKernel(fn=_random_masking_kernel, signature={**_SIG, "noise_ptr": "*fp32"}, constexprs=_MAE,
+              label="L196-256-fp32"),
+    AotKernel(fn=_random_masking_kernel, signature=_SIG, constexprs=_MAX, label="L1024"),
+    AotKernel(fn=_random_masking_kernel, signature={**_SIG, "noise_ptr": "*fp32"}, constexprs=_MAX,
+              label="L1024-fp32"),
+    AotKernel(fn=_random_masking_philox_kernel, signature=_SIG_PHILOX, constexprs=_MAE, label="L196-256"),
+    AotKernel(fn=_random_masking_philox_kernel, signature=_SIG_PHILOX, constexprs=_MAX, label="L1024"),
+]
