@@ -31,7 +31,7 @@ def min_bytes(op: str) -> int:
         "unshuffle": N * (1 + K) * DD * e + (L + 1) * DD * 4 + N * L * 8 + N * (L + 1) * DD * 4,
         "masked_mse": 2 * N * (L - K) * P * e + N * L * 4,  # removed patches of pred and imgs, the mask
         "attention": N * (1 + K) * 3 * D * e + N * (1 + K) * D * e,
-        "layer_norm": 2 * N * (1 + K) * D * e + 2 * D * e,
+        "layer_norm": 2 * N * (1 + K) * D * e + 2 * D * e + 8 * N * (1 + K),  # x in, y out, params, mean/rstd
     }[op]
 
 
