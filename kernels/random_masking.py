@@ -10,12 +10,12 @@ of ``l`` in the stable ascending sort, so it *is* ``ids_restore[n, l]``; ``mask 
 The whole row sits in registers as a ``(BLOCK_L,)`` vector; the program walks it in row blocks of
 ``BLOCK_I`` and compares each block against the whole row, a ``(BLOCK_I, BLOCK_L)`` tile of at most
 ``_TILE`` elements (32 per thread at 4 warps, no spills), counting along the row. ``L^2`` compares per
-sample: 64 Ki at L=256, 1 Mi at L=1024 -- far below the memory traffic's time.
+sample (64 Ki at L=256, 1 Mi at L=1024): compute-bound, a few microseconds at MAE's sizes.
 
 Philox mode (``random_masking_philox``): no noise tensor exists. The noise of patch ``l`` of sample
-``n`` at training ``step`` is ``tl.rand(seed, offset)`` with ``offset = step * 2**32 + n * L + l``:
-Triton's Philox4x32-10 with key ``seed`` (64 bit) and counter ``(n*L + l, step, 0, 0)``, first
-output word mapped to ``[0, 1)`` -- counter-based, so the masks of any (seed, step) are reproduced
+``n`` at training ``step`` is Triton's Philox4x32-10 (``tl.philox``, the 32-bit variant on every
+Triton version) with key ``seed`` (64 bit) and counter ``(n*L + l, step, 0, 0)``, first output word
+mapped to ``[0, 1)`` as ``tl.rand`` maps it -- counter-based, so the masks of any (seed, step) are reproduced
 after a resume without replaying the stream. The row block's noise is regenerated in registers
 (``2*L`` Philox evaluations per sample) instead of being kept in memory.
 :func:`fastmae.ops.random_masking.philox_noise_reference` computes the same numbers in torch.
@@ -93,7 +93,19 @@ def _random_masking_kernel(
                         num_patches, num_keep)
 
 
-@triton.jit(do_not_specialize=["seed", "step"])  # one compilation for every (seed, step), 1 included
+@triton.jit
+def _philox_uniform(seed, step, counter):
+    """fp32 in [0, 1) from Philox4x32-10, key ``seed``, counter ``(counter, step, 0, 0)`` as uint32 words.
+
+    Spelled out with ``tl.philox`` rather than ``tl.rand(seed, step * 2**32 + counter)``: Triton before
+    3.4 switched an int64 offset to the 64-bit Philox, which would change the masks across versions."""
+    c0 = counter.to(tl.uint32)
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, zero + step.to(tl.uint32), zero, zero)
+    return tl.uint_to_uniform_float(r)
+
+
+@triton.jit(do_not_specialize=["seed", "step"])  # not specialised on 1 or 16-divisible values
 def _random_masking_philox_kernel(
     ids_keep_ptr,  # (N, K) int64
     ids_restore_ptr,  # (N, L) int64
@@ -106,12 +118,11 @@ def _random_masking_philox_kernel(
     BLOCK_I: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
-    base = (step.to(tl.int64) << 32) + n * num_patches  # offset of patch 0: counter (n*L, step)
     cols = tl.arange(0, BLOCK_L)  # (BLOCK_L,)
-    noise_row = tl.rand(seed, base + cols)  # (BLOCK_L,) fp32 in [0, 1); columns >= L are never counted
+    noise_row = _philox_uniform(seed, step, n * num_patches + cols)  # (BLOCK_L,) columns >= L never counted
     for start in range(0, num_patches, BLOCK_I):
         rows = start + tl.arange(0, BLOCK_I)  # (BLOCK_I,)
-        noise_blk = tl.rand(seed, base + rows)  # (BLOCK_I,) the same numbers as noise_row's
+        noise_blk = _philox_uniform(seed, step, n * num_patches + rows)  # (BLOCK_I,) the same numbers
         _rank_and_store(noise_blk, rows, noise_row, cols, n, ids_keep_ptr, ids_restore_ptr, mask_ptr,
                         num_patches, num_keep)
 
