@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fastmae.extension import extension_status
 from fastmae.kernels._common import kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_same_device, check_tensor
 from fastmae.ops.dispatch import Backend, Op
@@ -48,10 +49,99 @@ def _triton(
     return unshuffle_triton(x, ids_restore, mask_token, pos_embed)
 
 
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_cuda_registered = False
+
+
+def _out_dtype(x: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor) -> torch.dtype:
+    """The reference's output dtype: ``cat`` promotes x with the mask token, ``+`` with pos."""
+    return torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
+
+
+def _unshuffle_fake(
+    x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
+) -> torch.Tensor:
+    """``fastmae::unshuffle`` on fake/meta tensors: ``(N, L+1, Dd)`` in the promoted dtype."""
+    torch._check(
+        len({x.device, ids_restore.device, mask_token.device, pos_embed.device}) == 1,
+        lambda: f"unshuffle: all tensors must be on one device, got x on {x.device}, ids_restore on "
+        f"{ids_restore.device}, mask_token on {mask_token.device}, pos_embed on {pos_embed.device}",
+    )
+    n, _, dd = x.shape
+    return x.new_empty((n, ids_restore.shape[1] + 1, dd), dtype=_out_dtype(x, mask_token, pos_embed))
+
+
+def _unshuffle_backward_fake(
+    grad_out: torch.Tensor, ids_restore: torch.Tensor, len_keep: int, x_dtype: torch.dtype,
+    mask_token_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fastmae::unshuffle_backward`` on fake/meta tensors: ``grad_x (N, 1+K, Dd)`` in ``x_dtype``,
+    ``grad_mask_token (1, 1, Dd)`` in ``mask_token_dtype``."""
+    n, _, dd = grad_out.shape
+    return (grad_out.new_empty((n, len_keep + 1, dd), dtype=x_dtype),
+            grad_out.new_empty((1, 1, dd), dtype=mask_token_dtype))
+
+
+def _cuda_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    x, ids_restore, mask_token, _ = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.len_keep = x.shape[1] - 1
+    ctx.x_dtype = x.dtype
+    ctx.mask_token_dtype = mask_token.dtype
+
+
+def _cuda_backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+    (ids_restore,) = ctx.saved_tensors
+    # the C++ op takes any strides (e.g. the expanded ones of ``out.sum()``'s gradient) and copies once
+    grad_x, grad_tok = torch.ops.fastmae.unshuffle_backward(grad, ids_restore, ctx.len_keep, ctx.x_dtype,
+                                                            ctx.mask_token_dtype)
+    return grad_x, None, grad_tok, None  # pos_embed is a fixed table: _cuda_supports refuses it requiring grad
+
+
+def _cuda_available() -> str | None:
+    """None once ``fastmae._C`` is loaded (its fake and autograd registrations made, once); else why not."""
+    global _cuda_registered
+    loaded, detail = extension_status()
+    if not loaded:
+        return detail
+    if not _cuda_registered:
+        torch.library.register_fake("fastmae::unshuffle")(_unshuffle_fake)
+        torch.library.register_fake("fastmae::unshuffle_backward")(_unshuffle_backward_fake)
+        torch.library.register_autograd("fastmae::unshuffle", _cuda_backward, setup_context=_cuda_setup_context)
+        _cuda_registered = True
+    return None
+
+
+def _cuda_supports(
+    x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
+) -> str | None:
+    """cpu (the C++ implementation), cuda or meta tensors on one device; fp32/bf16/fp16; pos_embed without grad."""
+    tensors = {"x": x, "ids_restore": ids_restore, "mask_token": mask_token, "pos_embed": pos_embed}
+    for name, t in tensors.items():
+        if t.device.type not in ("cpu", "cuda", "meta"):
+            return f"fastmae._C takes cpu, cuda or meta tensors, got {name} on {t.device}"
+        if t.is_floating_point() and t.dtype not in CUDA_DTYPES:
+            return f"fastmae._C takes fp32/bf16/fp16, got {name} {t.dtype}"
+    if len({t.device for t in tensors.values()}) > 1:
+        return "tensors on several devices: " + ", ".join(f"{k} on {t.device}" for k, t in tensors.items())
+    if pos_embed.requires_grad:
+        return "pos_embed requires grad, but the cuda backend treats it as a fixed table (no gradient)"
+    return None
+
+
+def _cuda(
+    x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
+) -> torch.Tensor:
+    """``fastmae::unshuffle`` (CUDA kernels on cuda tensors, the C++ implementation on cpu ones);
+    ``ids_restore`` must be a permutation of ``0..L-1`` (each kept token's gradient row is written once)."""
+    return torch.ops.fastmae.unshuffle(x, ids_restore, mask_token, pos_embed)
+
+
 UNSHUFFLE = Op(
     "unshuffle",
     [
         Backend("triton", _triton, available=kernel_module_available("unshuffle"), supports=_triton_supports, auto_devices=("cuda",)),
+        Backend("cuda", _cuda, available=_cuda_available, supports=_cuda_supports, auto_devices=("cuda",)),
         Backend("reference", unshuffle_reference),
     ],
 )
