@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from fastmae.extension import extension_status
 from fastmae.kernels._common import device_why_not, kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_tensor
 from fastmae.ops.dispatch import Backend, Op
 
 MAX_TRITON_PATCHES = 1024  # the Triton kernels hold a sample's whole row of noise in registers
+MAX_CUDA_PATCHES = 1024  # the CUDA kernels sort a sample's row in one thread block
+_CUDA_DEVICES = ("cpu", "cuda", "meta")  # fastmae._C's CPU and CUDA implementations; meta: its fake ones
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _U32 = 0xFFFFFFFF
 
 
@@ -44,10 +50,97 @@ def _triton(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Ten
     return random_masking_triton(noise, len_keep)
 
 
+# --- cuda backend: fastmae._C (csrc/random_masking.cu; csrc/random_masking_cpu.cpp on CPU tensors) ---
+
+
+def _fake_masks(n: int, num_patches: int, len_keep: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.empty((n, len_keep), dtype=torch.int64, device=device),
+            torch.empty((n, num_patches), dtype=torch.int64, device=device),
+            torch.empty((n, num_patches), dtype=torch.float32, device=device))
+
+
+def _gather_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    _, _, x, pos_embed = inputs
+    if pos_embed.requires_grad:
+        raise RuntimeError("fastmae::random_masking_gather gives no gradient to pos_embed; detach it, or gather "
+                           "first and add the pos rows in torch")
+    ids_keep, _, mask, _ = output
+    ctx.mark_non_differentiable(mask)
+    ctx.save_for_backward(ids_keep)
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+
+
+def _gather_backward(ctx: torch.autograd.function.FunctionCtx, grad_ids_keep: None, grad_ids_restore: None,
+                     grad_mask: None, grad_x_masked: torch.Tensor) -> tuple[None, None, torch.Tensor, None]:
+    """``grad_x (N, L, D)``: ``grad_x_masked (N, K, D)`` scattered to the kept rows, zero elsewhere."""
+    (ids_keep,) = ctx.saved_tensors
+    grad_x = grad_x_masked.new_zeros(ctx.x_shape, dtype=ctx.x_dtype)
+    index = ids_keep.unsqueeze(-1).expand(-1, -1, ctx.x_shape[2])  # (N, K, D)
+    return None, None, grad_x.scatter(1, index, grad_x_masked.to(ctx.x_dtype)), None
+
+
+@functools.lru_cache(maxsize=None)
+def _register_cuda_python_side() -> None:
+    """Fake (meta) implementations of the three schemas and the autograd of random_masking_gather; once."""
+
+    @torch.library.register_fake("fastmae::random_masking")
+    def _(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _fake_masks(noise.shape[0], noise.shape[1], len_keep, noise.device)
+
+    @torch.library.register_fake("fastmae::random_masking_philox")
+    def _(seed_step: torch.Tensor, num_samples: int, num_patches: int,
+          len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _fake_masks(num_samples, num_patches, len_keep, seed_step.device)
+
+    @torch.library.register_fake("fastmae::random_masking_gather")
+    def _(noise: torch.Tensor, len_keep: int, x: torch.Tensor,
+          pos_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not noise.device == x.device == pos_embed.device:
+            raise RuntimeError(f"random_masking_gather: noise, x and pos_embed must be on one device, got "
+                               f"{noise.device}, {x.device}, {pos_embed.device}")
+        n, num_patches, d = x.shape
+        x_masked = x.new_empty((n, len_keep, d), dtype=torch.promote_types(x.dtype, pos_embed.dtype))
+        return *_fake_masks(n, num_patches, len_keep, noise.device), x_masked
+
+    torch.library.register_autograd("fastmae::random_masking_gather", _gather_backward,
+                                    setup_context=_gather_setup_context)
+
+
+def _cuda_available() -> str | None:
+    loaded, detail = extension_status()
+    if not loaded:
+        return detail
+    _register_cuda_python_side()
+    return None
+
+
+def _cuda_patches_why_not(num_patches: int) -> str | None:
+    if num_patches > MAX_CUDA_PATCHES:
+        return f"L={num_patches} patches > {MAX_CUDA_PATCHES} (the CUDA kernel sorts a sample in one thread block)"
+    return None
+
+
+def _cuda_supports(noise: torch.Tensor, len_keep: int) -> str | None:
+    """Noise on cpu/cuda/meta in fp32/bf16/fp16; ``L <= 1024``, the CUDA kernel's limit, on every device (the CPU
+    implementation itself has none). ``noise.requires_grad`` is fine: as in the reference, the outputs carry no
+    gradient (the op falls through the Autograd key)."""
+    if noise.device.type not in _CUDA_DEVICES:
+        return f"fastmae._C takes cpu/cuda tensors, got {noise.device.type}"
+    if noise.dtype not in _CUDA_DTYPES:
+        return f"fastmae._C takes fp32/bf16/fp16 noise, got {noise.dtype}"
+    return _cuda_patches_why_not(noise.shape[1])
+
+
+def _cuda(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.fastmae.random_masking(noise, len_keep)
+
+
 RANDOM_MASKING = Op(
     "random_masking",
     [
         Backend("triton", _triton, available=kernel_module_available("random_masking"), supports=_triton_supports, auto_devices=("cuda",)),
+        Backend("cuda", _cuda, available=_cuda_available, supports=_cuda_supports, auto_devices=("cuda",)),
         Backend("reference", random_masking_reference),
     ],
 )
@@ -132,10 +225,27 @@ def _triton_philox(num_samples: int, num_patches: int, len_keep: int, seed: int,
     return random_masking_philox_triton(num_samples, num_patches, len_keep, seed, step, device)
 
 
+def _cuda_philox_supports(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
+                          device: torch.device) -> str | None:
+    if device.type not in _CUDA_DEVICES:
+        return f"fastmae._C takes cpu/cuda tensors, got {device.type}"
+    return _cuda_patches_why_not(num_patches)
+
+
+def _cuda_philox(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op reads ``seed_step = [seed, step]`` (int64, on ``device``) in the kernel: a captured CUDA graph
+    that calls ``torch.ops.fastmae.random_masking_philox`` directly advances the step in place."""
+    seed_step = torch.tensor([seed, step], dtype=torch.int64, device=device)
+    return torch.ops.fastmae.random_masking_philox(seed_step, num_samples, num_patches, len_keep)
+
+
 RANDOM_MASKING_PHILOX = Op(
     "random_masking_philox",
     [
         Backend("triton", _triton_philox, available=kernel_module_available("random_masking"), supports=_triton_philox_supports,
+                auto_devices=("cuda",)),
+        Backend("cuda", _cuda_philox, available=_cuda_available, supports=_cuda_philox_supports,
                 auto_devices=("cuda",)),
         Backend("reference", random_masking_philox_reference),
     ],
