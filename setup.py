@@ -62,7 +62,9 @@ def cuda_extension() -> tuple[list, dict]:
     sources = sorted(os.path.relpath(p, HERE) for ext in ("cpp", "cu") for p in glob.glob(f"{HERE}/csrc/*.{ext}"))
     if not sources:
         raise SystemExit(f"no csrc/*.cpp or csrc/*.cu next to {__file__}: an incomplete source tree")
-    nvcc_flags = ["-O3", "-lineinfo", *_gencode_flags(os.environ.get("FASTMAE_CUDA_ARCHS", "8.0;9.0"))]
+    # ptxas turns any register spill into an error: a spilling kernel fails the build (and so the tests)
+    nvcc_flags = ["-O3", "-lineinfo", "-Xptxas=--warn-on-spills,--warning-as-error",
+                  *_gencode_flags(os.environ.get("FASTMAE_CUDA_ARCHS", "8.0;9.0"))]
     ext = CUDAExtension(
         "fastmae._C",
         sources=sources,

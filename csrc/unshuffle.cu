@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename xt, typename gt, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)  // min 1 block per SM: the register budget that keeps it spill-free
     unshuffle_bwd_kernel(const gt* __restrict__ g, const int64_t* __restrict__ ids, xt* __restrict__ gx,
                          float* __restrict__ partial, int64_t keep, int64_t patches, int64_t dd, int64_t chunks) {
   __shared__ float sums[kThreads * V];  // (ty, tx, V) fp32 sums of the removed rows
