@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 
 @functools.lru_cache(maxsize=None)
@@ -17,3 +18,18 @@ def extension_status() -> tuple[bool, str]:
     cuda_version, *archs = torch.ops.fastmae.build_info()
     major, minor = cuda_version // 1000, cuda_version % 1000 // 10
     return True, f"built with CUDA {major}.{minor} for " + ", ".join(f"sm_{a // 10}" for a in archs)
+
+
+def extension_backend_available(register: Callable[[], None]) -> Callable[[], str | None]:
+    """The ``available`` check of an op's ``cuda`` backend: ``fastmae._C`` loaded, then ``register()``
+    (the op's fake implementations and autograd, in Python) run once; else the reason it is not."""
+    register_once = functools.cache(register)
+
+    def available() -> str | None:
+        loaded, detail = extension_status()
+        if not loaded:
+            return detail
+        register_once()
+        return None
+
+    return available

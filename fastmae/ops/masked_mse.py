@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmae.extension import extension_status
+from fastmae.extension import extension_backend_available
 from fastmae.kernels._common import kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_same_device, check_tensor
 from fastmae.ops.dispatch import Backend, Op
@@ -59,7 +59,6 @@ def _triton_supports(
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CUDA_MAX_P = 4096  # csrc/masked_mse.cu holds a patch in registers: 8 warps x 16 values per thread
 _INT32_SPAN = 2**31  # offsets within a patch of imgs are 32-bit
-_cuda_registered = False
 
 
 def _ext_loss_dtype(pred: torch.dtype, imgs: torch.dtype, mask: torch.dtype) -> torch.dtype:
@@ -111,18 +110,11 @@ def _cuda_backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Te
     return grad, None, None, None, None, None
 
 
-def _cuda_available() -> str | None:
-    """None once fastmae._C is loaded (and its fake and autograd registered, once); else why not."""
-    global _cuda_registered
-    loaded, detail = extension_status()
-    if not loaded:
-        return detail
-    if not _cuda_registered:
-        torch.library.register_fake("fastmae::masked_mse", _fake_masked_mse)
-        torch.library.register_fake("fastmae::masked_mse_backward", _fake_masked_mse_backward)
-        torch.library.register_autograd("fastmae::masked_mse", _cuda_backward, setup_context=_cuda_setup_context)
-        _cuda_registered = True
-    return None
+def _register_cuda() -> None:
+    """Fake implementations of both schemas and the autograd of fastmae::masked_mse."""
+    torch.library.register_fake("fastmae::masked_mse", _fake_masked_mse)
+    torch.library.register_fake("fastmae::masked_mse_backward", _fake_masked_mse_backward)
+    torch.library.register_autograd("fastmae::masked_mse", _cuda_backward, setup_context=_cuda_setup_context)
 
 
 def _cuda_supports(
@@ -166,7 +158,8 @@ MASKED_MSE = Op(
     "masked_mse",
     [
         Backend("triton", _triton, available=kernel_module_available("masked_mse"), supports=_triton_supports, auto_devices=("cuda",)),
-        Backend("cuda", _cuda, available=_cuda_available, supports=_cuda_supports, auto_devices=("cuda",)),
+        Backend("cuda", _cuda, available=extension_backend_available(_register_cuda), supports=_cuda_supports,
+                auto_devices=("cuda",)),
         Backend("reference", masked_mse_reference),
     ],
 )

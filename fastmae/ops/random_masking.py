@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
-from fastmae.extension import extension_status
+from fastmae.extension import extension_backend_available
 from fastmae.kernels._common import device_why_not, kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_tensor
 from fastmae.ops.dispatch import Backend, Op
@@ -80,7 +79,6 @@ def _gather_backward(ctx: torch.autograd.function.FunctionCtx, grad_ids_keep: No
     return None, None, grad_x.scatter(1, index, grad_x_masked.to(ctx.x_dtype)), None
 
 
-@functools.lru_cache(maxsize=None)
 def _register_cuda_python_side() -> None:
     """Fake (meta) implementations of the three schemas and the autograd of random_masking_gather; once."""
 
@@ -107,12 +105,7 @@ def _register_cuda_python_side() -> None:
                                     setup_context=_gather_setup_context)
 
 
-def _cuda_available() -> str | None:
-    loaded, detail = extension_status()
-    if not loaded:
-        return detail
-    _register_cuda_python_side()
-    return None
+_cuda_available = extension_backend_available(_register_cuda_python_side)
 
 
 def _cuda_patches_why_not(num_patches: int) -> str | None:

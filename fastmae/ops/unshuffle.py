@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmae.extension import extension_status
+from fastmae.extension import extension_backend_available
 from fastmae.kernels._common import kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_same_device, check_tensor
 from fastmae.ops.dispatch import Backend, Op
@@ -50,7 +50,6 @@ def _triton(
 
 
 CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_cuda_registered = False
 
 
 def _out_dtype(x: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor) -> torch.dtype:
@@ -98,18 +97,11 @@ def _cuda_backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor)
     return grad_x, None, grad_tok, None  # pos_embed is a fixed table: _cuda_supports refuses it requiring grad
 
 
-def _cuda_available() -> str | None:
-    """None once ``fastmae._C`` is loaded (its fake and autograd registrations made, once); else why not."""
-    global _cuda_registered
-    loaded, detail = extension_status()
-    if not loaded:
-        return detail
-    if not _cuda_registered:
-        torch.library.register_fake("fastmae::unshuffle")(_unshuffle_fake)
-        torch.library.register_fake("fastmae::unshuffle_backward")(_unshuffle_backward_fake)
-        torch.library.register_autograd("fastmae::unshuffle", _cuda_backward, setup_context=_cuda_setup_context)
-        _cuda_registered = True
-    return None
+def _register_cuda() -> None:
+    """Fake implementations of both schemas and the autograd of fastmae::unshuffle."""
+    torch.library.register_fake("fastmae::unshuffle")(_unshuffle_fake)
+    torch.library.register_fake("fastmae::unshuffle_backward")(_unshuffle_backward_fake)
+    torch.library.register_autograd("fastmae::unshuffle", _cuda_backward, setup_context=_cuda_setup_context)
 
 
 def _cuda_supports(
@@ -141,7 +133,8 @@ UNSHUFFLE = Op(
     "unshuffle",
     [
         Backend("triton", _triton, available=kernel_module_available("unshuffle"), supports=_triton_supports, auto_devices=("cuda",)),
-        Backend("cuda", _cuda, available=_cuda_available, supports=_cuda_supports, auto_devices=("cuda",)),
+        Backend("cuda", _cuda, available=extension_backend_available(_register_cuda), supports=_cuda_supports,
+                auto_devices=("cuda",)),
         Backend("reference", unshuffle_reference),
     ],
 )

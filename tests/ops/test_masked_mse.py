@@ -248,7 +248,6 @@ def test_triton_opcheck_on_gpu(dtype: torch.dtype) -> None:
 # ---- cuda backend: fastmae._C (its C++ CPU implementation here; the CUDA kernels in the gpu tests) ----
 
 from fastmae.extension import extension_status  # noqa: E402
-from fastmae.ops.masked_mse import _cuda_available  # noqa: E402
 
 _EXT_LOADED, _EXT_DETAIL = extension_status()
 needs_ext = pytest.mark.skipif(not _EXT_LOADED, reason=f"fastmae._C is not built here: {_EXT_DETAIL}")
@@ -257,7 +256,7 @@ needs_ext = pytest.mark.skipif(not _EXT_LOADED, reason=f"fastmae._C is not built
 @pytest.fixture
 def ext() -> None:
     """fastmae._C loaded and its fake and autograd registered (what the cuda backend's availability does)."""
-    assert _cuda_available() is None
+    assert ops.OPS["masked_mse"].backend("cuda").available() is None
 
 
 @needs_ext
