@@ -79,3 +79,20 @@ def test_op(benchmark, op_name: str, backend: str) -> None:  # noqa: ANN001
     benchmark.extra_info.update(op=op_name, backend=backend, device=DEVICE, dtype=str(DTYPE), batch=N, min_bytes=nbytes)
     if benchmark.stats is not None:  # None with --benchmark-disable (a smoke run)
         benchmark.extra_info["GB/s"] = nbytes / benchmark.stats.stats.mean / 1e9
+
+
+def test_copy_bandwidth(benchmark) -> None:  # noqa: ANN001
+    """The yardstick: device-to-device copy of 512 MiB (256 MiB read + 256 MiB written) on DEVICE."""
+    src = torch.empty(64 * 2**20, dtype=torch.float32, device=DEVICE)  # 256 MiB
+    dst = torch.empty_like(src)
+
+    def run() -> None:
+        dst.copy_(src)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark(run)
+    nbytes = 2 * src.numel() * src.element_size()
+    benchmark.extra_info.update(op="copy", backend="torch", device=DEVICE, dtype="torch.float32", min_bytes=nbytes)
+    if benchmark.stats is not None:
+        benchmark.extra_info["GB/s"] = nbytes / benchmark.stats.stats.mean / 1e9

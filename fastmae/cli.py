@@ -14,7 +14,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from fastmae.train.pretrain import DEMO_DEFAULTS, PAPER_DEFAULTS, PRECISIONS, PretrainConfig
+from fastmae.train.config import DEMO_DEFAULTS, PAPER_DEFAULTS, PRECISIONS, PretrainConfig
 
 PRETRAIN_HELP = {
     "model": "model preset",

@@ -13,7 +13,8 @@ from PIL import Image
 from fastmae.data import demo_dataset, list_images
 from fastmae.data.demo import DEMO_PHOTOS
 from fastmae.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
-from fastmae.train.pretrain import PretrainConfig, pretrain
+from fastmae.train.config import PretrainConfig
+from fastmae.train.pretrain import pretrain
 
 
 @pytest.fixture(scope="module")

@@ -21,77 +21,10 @@ from tqdm.auto import tqdm
 from fastmae.data.demo import demo_dataset
 from fastmae.data.loader import ImageFiles, eval_transform, list_images, pretrain_loader
 from fastmae.model import PRESETS
+from fastmae.train.config import PRECISIONS, PretrainConfig
 from fastmae.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from fastmae.train.figure import save_reconstruction_figure
 from fastmae.train.optim import build_optimizer, lr_at
-
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-# Settings left unset (None) take these values: the paper's recipe on real data, and on the demo
-# photos a short, small-batch run that visibly learns on two CPU cores in a few minutes (raw-pixel
-# targets, so the reconstruction figure shows the model's own colours, and a 10x base lr for the
-# 64-image batch).
-PAPER_DEFAULTS = {"model": "mae_vit_base_patch16", "img_size": 224, "epochs": 800.0, "blr": 1.5e-4,
-                  "norm_pix_loss": True}
-DEMO_DEFAULTS = {"model": "mae_vit_tiny_patch16", "img_size": 96, "epochs": 45.0, "blr": 1.5e-3,
-                 "norm_pix_loss": False}
-
-
-@dataclass
-class PretrainConfig:
-    """Every setting of a pretraining run. ``data=None`` trains on the embedded demo dataset.
-
-    ``None`` means: the paper's value with ``data``, the demo's without (see ``DEMO_DEFAULTS``).
-    """
-
-    model: str | None = None
-    data: str | None = None
-    output: str = "runs/pretrain"
-    steps: int | None = None  # total optimiser steps; or give epochs
-    epochs: float | None = None
-    img_size: int | None = None
-    batch_size: int = 64
-    accum: int = 1
-    blr: float | None = None
-    min_lr: float = 0.0
-    warmup_fraction: float = 0.05  # the paper: 40 of 800 epochs
-    weight_decay: float = 0.05
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool | None = None
-    precision: str | None = None  # default: bf16 on CUDA, fp32 on CPU
-    device: str | None = None  # default: cuda when available
-    seed: int = 0
-    log_every: int = 20
-    save_every: int = 200
-    keep_last: int = 3
-    num_workers: int = 2
-
-    def __post_init__(self) -> None:
-        defaults = DEMO_DEFAULTS if self.data is None else PAPER_DEFAULTS
-        for key, value in defaults.items():
-            if getattr(self, key) is None and not (key == "epochs" and self.steps is not None):
-                setattr(self, key, value)
-        if self.model not in PRESETS:
-            raise ValueError(f"model must be one of {sorted(PRESETS)}, got {self.model!r}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("give either steps or epochs, not both")
-        for name in ("img_size", "batch_size", "accum", "log_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> PretrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
-
 
 @dataclass
 class PretrainSummary:

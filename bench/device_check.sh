@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# bench/device_check.sh OUT_DIR -- the one prepared check for a lent GPU machine (no network).
+#
+# Runs, from the repository root: the environment report, the fastmae._C build (FASTMAE_BUILD_CUDA=1),
+# every test marked gpu (bf16/fp16 parity of the triton and cuda backends, opcheck on CUDA, torch.compile
+# with the triton backends), the op microbenchmarks with GB/s against the measured copy bandwidth, and
+# the AOT register report; everything is written under OUT_DIR and a short summary is printed last.
+# Each step has its own time limit; a failing step is reported and the next one still runs.
+#
+# Wheels the GPU machine lacks go in .whl/ (carried with the working tree) and are installed first.
+# Prepare them on a machine with PyPI, for the GPU machine's Python 3.12:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
+#       -d .whl pytest-benchmark py-cpuinfo
+set -uo pipefail
+out=${1:?usage: bench/device_check.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+summary=()
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT_DIR/NAME.log, record the outcome
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-12s exit %-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$out/$name.log")")")
+  return $rc
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"
+  git rev-parse HEAD 2>/dev/null || echo "no git revision"
+} > "$out/env.txt" 2>&1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  step wheels 120 python -m pip install --no-deps --no-index .whl/*.whl
+fi
+step build 300 env FASTMAE_BUILD_CUDA=1 python -m pip install --no-deps --no-build-isolation --use-pep517 -e .
+step info 60 python -m fastmae.cli info
+step gpu_tests 420 python -m pytest -q -m gpu tests/ops tests/test_graph_capture.py --junitxml "$out/gpu_tests.xml" -p no:cacheprovider
+step ops_bench 240 python -m pytest -q bench/test_bench_ops.py --benchmark-only \
+  --benchmark-json "$out/ops_bench.json" -p no:cacheprovider
+if [ -f "$out/ops_bench.json" ]; then
+  step ops_table 30 python bench/summarize_ops.py "$out/ops_bench.json" --csv "$out/ops_bench.csv"
+fi
+step aot 240 env -u TRITON_INTERPRET python -m fastmae.kernels.aot --json "$out/aot.json"
+
+echo
+cat "$out/env.txt"
+[ -f "$out/ops_table.log" ] && cat "$out/ops_table.log"
+printf '%s\n' "${summary[@]}"
