@@ -29,7 +29,10 @@ def extension_backend_available(register: Callable[[], None]) -> Callable[[], st
         loaded, detail = extension_status()
         if not loaded:
             return detail
-        register_once()
+        try:
+            register_once()
+        except Exception as exc:  # a torch without these torch.library APIs: the backend is unavailable
+            return f"registering the Python side of fastmae._C failed: {exc!r}"
         return None
 
     return available

@@ -104,6 +104,8 @@ def _cuda_backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Te
     """Gradient wrt ``pred`` only (recomputed from pred and imgs); ``mask_sum`` is not differentiable."""
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         raise RuntimeError("fastmae::masked_mse gives no gradient for imgs or mask; they must not require grad")
+    if grad_loss is None:  # grads are not materialised: nothing flowed into the loss
+        return None, None, None, None, None, None
     pred, imgs, mask, mask_sum = ctx.saved_tensors
     grad = torch.ops.fastmae.masked_mse_backward(grad_loss, mask_sum, pred, imgs, mask, ctx.patch_size, ctx.norm_pix,
                                                  ctx.eps)
