@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fastmae.kernels._common import kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_tensor
 from fastmae.ops.dispatch import Backend, Op
 
@@ -56,9 +57,34 @@ def _torch_supports(qkv: torch.Tensor, num_heads: int) -> str | None:
     return None
 
 
+def _triton(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    from fastmae.kernels.attention import attention_triton
+
+    return attention_triton(qkv, num_heads)
+
+
+def _triton_supports(qkv: torch.Tensor, num_heads: int) -> str | None:
+    from fastmae.kernels.attention import MAX_HEAD_DIM, MAX_S
+
+    reason = triton_why_not(qkv)
+    if reason is not None:
+        return reason
+    seq, head_dim = qkv.shape[1], qkv.shape[-1] // (3 * num_heads)
+    if seq > MAX_S:
+        return f"the Triton attention holds a head's whole K/V in one tile: S = {seq} > {MAX_S}"
+    if head_dim > MAX_HEAD_DIM:
+        return f"the Triton attention takes head dims up to {MAX_HEAD_DIM}, got {head_dim}"
+    return None
+
+
 ATTENTION = Op(
     "attention",
-    [Backend("torch", attention_torch, supports=_torch_supports), Backend("reference", attention_reference)],
+    [
+        Backend("torch", attention_torch, supports=_torch_supports),
+        Backend("triton", _triton, available=kernel_module_available("attention"), supports=_triton_supports,
+                auto_devices=("cuda",)),
+        Backend("reference", attention_reference),
+    ],
 )
 
 

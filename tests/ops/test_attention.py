@@ -3,7 +3,7 @@ import torch
 
 from fastmae import ops
 from fastmae.ops.attention import attention_reference
-from numerics import assert_rel_close
+from numerics import assert_rel_close, rel_err
 
 
 def _per_head_loop(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -46,3 +46,156 @@ def test_public_validates() -> None:
         ops.attention(torch.randn(2, 5, 40), 3)
     with pytest.raises(ValueError, match="3 dimensions"):
         ops.attention(torch.randn(5, 48), 2)
+
+
+# --- triton backend (interpreter on CPU here; the gpu-marked tests run on CUDA) -------------------------------
+
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+# Every S in {17, 50, 65, 197, 257} and every Dh in {32, 64, 80}, batch 1 and 3 (subsampled to keep the file
+# fast under the interpreter); S = 257 pads to a 512-wide key tile and 5 backward blocks, 17 to one small one.
+TRITON_SHAPES = [(3, 17, 2, 80), (1, 50, 2, 64), (3, 50, 1, 64), (3, 65, 2, 80), (1, 65, 1, 32),
+                 (1, 197, 2, 32), (3, 197, 1, 64), (1, 257, 2, 32), (3, 257, 1, 80)]
+
+
+def _qkv(n: int, s: int, h: int, dh: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
+         seed: int = 0) -> torch.Tensor:
+    """A leaf ``qkv (N, S, 3*H*Dh)`` with scores of spread ~2 (peaked enough to exercise the softmax)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, s, 3 * h * dh, generator=g) * 1.5).to(device, dtype).requires_grad_()
+
+
+def _run(backend: str, qkv: torch.Tensor, h: int, upstream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = ops.attention(qkv, h, backend=backend)
+    (grad,) = torch.autograd.grad(out, qkv, upstream)
+    return out, grad
+
+
+def _upstream(n: int, s: int, h: int, dh: int, device: str = "cpu") -> torch.Tensor:
+    return torch.randn(n, s, h * dh, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+@pytest.mark.parametrize("n,s,h,dh", TRITON_SHAPES, ids=lambda v: str(v))
+def test_triton_matches_reference_fp32(n: int, s: int, h: int, dh: int) -> None:
+    # The kernels compute in fp32 with an exact (not online) softmax over the whole key row, so the only
+    # differences from the reference are fp32 summation orders: 1e-5 holds with a wide margin (~4e-7 seen).
+    qkv = _qkv(n, s, h, dh, seed=s + dh)
+    upstream = _upstream(n, s, h, dh)
+    (out, grad), (want_out, want_grad) = _run("triton", qkv, h, upstream), _run("reference", qkv, h, upstream)
+    assert out.dtype == want_out.dtype and out.shape == (n, s, h * dh)
+    assert_rel_close(out, want_out, 1e-5, "forward")
+    assert_rel_close(grad, want_grad, 1e-5, "d qkv")
+
+
+def test_triton_reads_a_strided_qkv() -> None:
+    """qkv as a view with row padding (stride(1) > 3*H*Dh) and a batch stride of its own: read in place."""
+    base = _qkv(3, 50, 2, 64, seed=5).detach()
+    padded = torch.cat([base, torch.zeros(3, 50, 8)], dim=-1)[..., :384].requires_grad_()  # (3, 50, 384) view
+    assert padded.stride(1) == 392
+    upstream = _upstream(3, 50, 2, 64)
+    for got, want in zip(_run("triton", padded, 2, upstream), _run("reference", padded, 2, upstream)):
+        assert_rel_close(got, want, 1e-5, "strided")
+
+
+def test_triton_deterministic_and_non_contiguous_grad() -> None:
+    qkv = _qkv(1, 65, 2, 80, seed=2)
+    first = ops.attention(qkv, 2, backend="triton")
+    (g_expanded,) = torch.autograd.grad(first.sum(), qkv)  # upstream expanded from a scalar
+    (g_dense,) = torch.autograd.grad(ops.attention(qkv, 2, backend="triton"), qkv, torch.ones_like(first))
+    assert torch.equal(g_expanded, g_dense)
+    assert torch.equal(first, ops.attention(qkv, 2, backend="triton"))
+
+
+# Interpreter, bf16/fp16 inputs vs the reference on the same inputs (which computes in fp32 and rounds once):
+# the forward differs by the output's one rounding (the interpreter truncates fp32 -> bf16: < 2^-7 relative;
+# fp16 rounds to nearest: 2^-11). The backward reads the saved output O rounded to the input dtype to form
+# delta = rowsum(dO * O), where the reference uses its fp32 O: a relative perturbation of 2^-8 (bf16) / 2^-11
+# (fp16) in delta, amplified by the cancellation in dP - delta, plus the gradient's own rounding; 4x the cast
+# error covers it (d qkv: about 4.3e-3 bf16 / 2.5e-4 fp16 seen; forward 4e-3 / 2e-5).
+LOW_TOL = {torch.bfloat16: (2.0**-7, 2.0**-5), torch.float16: (2.0**-11, 2.0**-9)}
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("n,s,h,dh", [(3, 50, 2, 64), (1, 197, 1, 32), (1, 65, 2, 80)], ids=lambda v: str(v))
+def test_triton_low_precision_interpreter(dtype: torch.dtype, n: int, s: int, h: int, dh: int) -> None:
+    qkv = _qkv(n, s, h, dh, dtype, seed=3)
+    upstream = _upstream(n, s, h, dh)
+    (out, grad), (want_out, want_grad) = _run("triton", qkv, h, upstream), _run("reference", qkv, h, upstream)
+    assert out.dtype == want_out.dtype == dtype and grad.dtype == dtype
+    tol_out, tol_grad = LOW_TOL[dtype]
+    assert_rel_close(out, want_out, tol_out, "forward")
+    assert_rel_close(grad, want_grad, tol_grad, "d qkv")
+
+
+def test_triton_supports_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    triton_backend = ops.OPS["attention"].backend("triton")
+    ok = torch.randn(2, 257, 3 * 2 * 32)
+    assert triton_backend.why_not((ok, 2)) is None
+    assert ops.OPS["attention"].select((ok, 2)).name == "torch"  # CPU: not by priority
+    refused = {
+        "S = 513 > 512": (torch.randn(1, 513, 3 * 32), 1),
+        "head dims up to 128, got 160": (torch.randn(1, 10, 3 * 160), 1),
+        "fp32/bf16/fp16": (torch.randn(1, 10, 3 * 64, dtype=torch.float64), 1),
+    }
+    for reason, args in refused.items():
+        assert reason in (triton_backend.why_not(args) or ""), reason
+        with pytest.raises(ops.BackendUnavailableError, match=reason):
+            ops.attention(*args, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "interpreter" in triton_backend.why_not((ok, 2))
+
+
+def test_triton_ops_schema_and_autograd_registration() -> None:
+    """opcheck's checks that run under the interpreter (fake-tensor and compile checks need a GPU)."""
+    from fastmae.kernels.attention import attention_backward_op, attention_op
+
+    checks = ("test_schema", "test_autograd_registration")
+    qkv = _qkv(2, 17, 2, 32)
+    torch.library.opcheck(attention_op, (qkv, 2), test_utils=checks)
+    out, lse = attention_op(qkv.detach(), 2)
+    torch.library.opcheck(attention_backward_op, (torch.randn(2, 17, 64), qkv.detach(), out, lse, 2),
+                          test_utils=checks)
+
+
+# ViT-B/L encoder (S 50, Dh 64), ViT-H encoder (S 65, Dh 80), decoder (S 197 / 257, Dh 32), and S = 17.
+GPU_SHAPES = [(64, 50, 12, 64), (32, 50, 16, 64), (32, 65, 16, 80), (16, 197, 16, 32), (16, 257, 16, 32),
+              (8, 17, 2, 80)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("n,s,h,dh", GPU_SHAPES, ids=lambda v: str(v))
+def test_triton_gpu_low_precision(dtype: torch.dtype, n: int, s: int, h: int, dh: int) -> None:
+    """Error vs the fp32 reference at most 2x the reference's own error in the same low precision + a floor."""
+    qkv32 = _qkv(n, s, h, dh, device="cuda", seed=s)
+    low = qkv32.detach().to(dtype).requires_grad_()
+    upstream = _upstream(n, s, h, dh, device="cuda")
+    want = _run("reference", qkv32, h, upstream)
+    torch_low = _run("reference", low, h, upstream)
+    got = _run("triton", low, h, upstream)
+    for g, t, w, name in zip(got, torch_low, want, ("forward", "d qkv")):
+        assert g.dtype == t.dtype == dtype, name
+        assert_rel_close(g, w, 2 * rel_err(t, w) + 1e-4, name)
+    again = _run("triton", low, h, upstream)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))  # no atomics: bit-identical run to run
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,s,h,dh", [(4, 50, 12, 64), (2, 257, 16, 32)], ids=lambda v: str(v))
+def test_triton_gpu_fp32(n: int, s: int, h: int, dh: int) -> None:
+    qkv = _qkv(n, s, h, dh, device="cuda", seed=s)
+    upstream = _upstream(n, s, h, dh, device="cuda")
+    for got, want, name in zip(_run("triton", qkv, h, upstream), _run("reference", qkv, h, upstream),
+                               ("forward", "d qkv")):
+        assert_rel_close(got, want, 1e-5, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+def test_triton_gpu_opcheck(dtype: torch.dtype) -> None:
+    from fastmae.kernels.attention import attention_backward_op, attention_op
+
+    qkv = _qkv(4, 65, 4, 80, dtype, device="cuda")
+    torch.library.opcheck(attention_op, (qkv, 4))
+    out, lse = attention_op(qkv.detach(), 4)
+    grad = torch.randn(4, 65, 320, device="cuda", dtype=dtype)
+    torch.library.opcheck(attention_backward_op, (grad, qkv.detach(), out, lse, 4))
