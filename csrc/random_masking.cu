@@ -49,6 +49,9 @@
 #include <tuple>
 #include <type_traits>
 
+void random_masking_check_gather(const char* op, const at::Tensor& noise, const at::Tensor& x,
+                                 const at::Tensor& pos_embed);  // csrc/random_masking_cpu.cpp
+
 namespace {
 
 constexpr int64_t kMaxPatches = 1024;
@@ -353,17 +356,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_gather
               ": noise, x and pos_embed must be on one CUDA device, got ", noise_in.device(), ", ", x_in.device(),
               ", ", pos_in.device());
   check_noise(op, noise_in, len_keep);
-  const int64_t N = noise_in.size(0), L = noise_in.size(1);
-  TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == N && x_in.size(1) == L, op, ": x must be (N, L, D) = (", N, ", ",
-              L, ", D), got ", x_in.sizes());
-  const int64_t D = x_in.size(2);
-  TORCH_CHECK(pos_in.dim() == 3 && pos_in.size(0) == 1 && pos_in.size(1) == L + 1 && pos_in.size(2) == D, op,
-              ": pos_embed must be (1, L+1, D) = (1, ", L + 1, ", ", D, "), got ", pos_in.sizes());
+  random_masking_check_gather(op, noise_in, x_in, pos_in);
+  const int64_t N = noise_in.size(0), L = noise_in.size(1), D = x_in.size(2);
   const auto x_type = x_in.scalar_type(), pos_type = pos_in.scalar_type();
-  TORCH_CHECK(x_type == at::kFloat || x_type == at::kBFloat16 || x_type == at::kHalf, op,
-              ": x must be float32, bfloat16 or float16, got ", x_type);
-  TORCH_CHECK(pos_type == x_type || pos_type == at::kFloat, op, ": pos_embed must have x's dtype (", x_type,
-              ") or float32, got ", pos_type);
   const c10::cuda::CUDAGuard guard(noise_in.device());
   const at::Tensor noise = noise_in.contiguous(), x = x_in.contiguous(), pos_embed = pos_in.contiguous();
   at::Tensor ids_keep, ids_restore, mask;

@@ -23,6 +23,24 @@
 #include <type_traits>
 #include <vector>
 
+// The x and pos_embed checks of random_masking_gather (noise (N, L) already checked), shared with
+// csrc/random_masking.cu: x (N, L, D) and pos_embed (1, L+1, D), x in fp32/bf16/fp16, pos_embed in
+// x's dtype or fp32.
+void random_masking_check_gather(const char* op, const at::Tensor& noise_in, const at::Tensor& x_in,
+                                 const at::Tensor& pos_in) {
+  const int64_t N = noise_in.size(0), L = noise_in.size(1);
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == N && x_in.size(1) == L, op, ": x must be (N, L, D) = (", N, ", ",
+              L, ", D), got ", x_in.sizes());
+  const int64_t D = x_in.size(2);
+  TORCH_CHECK(pos_in.dim() == 3 && pos_in.size(0) == 1 && pos_in.size(1) == L + 1 && pos_in.size(2) == D, op,
+              ": pos_embed must be (1, L+1, D) = (1, ", L + 1, ", ", D, "), got ", pos_in.sizes());
+  const auto x_type = x_in.scalar_type(), pos_type = pos_in.scalar_type();
+  TORCH_CHECK(x_type == at::kFloat || x_type == at::kBFloat16 || x_type == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", x_type);
+  TORCH_CHECK(pos_type == x_type || pos_type == at::kFloat, op, ": pos_embed must have x's dtype (", x_type,
+              ") or float32, got ", pos_type);
+}
+
 namespace {
 
 constexpr uint32_t kLastKey = 0xFFFFFFFFu;
@@ -195,17 +213,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_gather
   TORCH_CHECK(x_in.device().is_cpu() && pos_in.device().is_cpu(), op,
               ": noise, x and pos_embed must all be on the CPU, got ", noise_in.device(), ", ", x_in.device(), ", ",
               pos_in.device());
-  const int64_t N = noise_in.size(0), L = noise_in.size(1);
-  TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == N && x_in.size(1) == L, op, ": x must be (N, L, D) = (", N, ", ",
-              L, ", D), got ", x_in.sizes());
-  const int64_t D = x_in.size(2);
-  TORCH_CHECK(pos_in.dim() == 3 && pos_in.size(0) == 1 && pos_in.size(1) == L + 1 && pos_in.size(2) == D, op,
-              ": pos_embed must be (1, L+1, D) = (1, ", L + 1, ", ", D, "), got ", pos_in.sizes());
+  random_masking_check_gather(op, noise_in, x_in, pos_in);
+  const int64_t N = noise_in.size(0), L = noise_in.size(1), D = x_in.size(2);
   const auto x_type = x_in.scalar_type(), pos_type = pos_in.scalar_type();
-  TORCH_CHECK(x_type == at::kFloat || x_type == at::kBFloat16 || x_type == at::kHalf, op,
-              ": x must be float32, bfloat16 or float16, got ", x_type);
-  TORCH_CHECK(pos_type == x_type || pos_type == at::kFloat, op, ": pos_embed must have x's dtype (", x_type,
-              ") or float32, got ", pos_type);
   const at::Tensor noise = noise_in.contiguous(), x = x_in.contiguous(), pos_embed = pos_in.contiguous();
   at::Tensor x_masked = at::empty({N, len_keep, D}, x.options().dtype(pos_type == x_type ? x_type : at::kFloat));
   Masks masks;

@@ -36,6 +36,8 @@
 #include <limits>
 #include <tuple>
 
+#include "unshuffle.h"
+
 // csrc/unshuffle_cpu.cpp: shape/dtype/device checks; the forward one returns the output dtype.
 at::ScalarType unshuffle_check_forward(const at::Tensor& x, const at::Tensor& ids_restore, const at::Tensor& mask_token,
                                        const at::Tensor& pos_embed);
@@ -157,21 +159,6 @@ __global__ void __launch_bounds__(kRedCols* kRedLanes)
   out[c] = static_cast<tt>(acc);
 }
 
-// Calls f(x_tag, wide_tag) with value-initialised objects of (x's C++ type, the wide tensor's C++
-// type); the wide dtype is x's or fp32 (the promotion of x with fp32/bf16/fp16 is one of the two).
-template <typename F>
-void dispatch_x_wide(at::ScalarType x_dtype, at::ScalarType wide_dtype, F f) {
-  TORCH_CHECK(wide_dtype == x_dtype || wide_dtype == at::kFloat,
-              "unshuffle: the wide dtype must be x's or float32, got ", wide_dtype, " for x ", x_dtype);
-  AT_DISPATCH_SWITCH(x_dtype, "unshuffle",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { f(scalar_t{}, float{}); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       if (wide_dtype == x_dtype) f(scalar_t{}, scalar_t{}); else f(scalar_t{}, float{});
-                     })
-                     AT_DISPATCH_CASE(at::kHalf, [&] {
-                       if (wide_dtype == x_dtype) f(scalar_t{}, scalar_t{}); else f(scalar_t{}, float{});
-                     }));
-}
 
 bool vec_aligned(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % (kVec * t.element_size()) == 0;
@@ -215,7 +202,7 @@ at::Tensor unshuffle_cuda(const at::Tensor& x, const at::Tensor& ids_restore, co
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(lay.col_tiles));
   const dim3 block(lay.tx, lay.ty);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_x_wide(x.scalar_type(), out_dtype, [&](auto x_tag, auto out_tag) {
+  fastmae_unshuffle::dispatch_x_wide(x.scalar_type(), out_dtype, [&](auto x_tag, auto out_tag) {
     using xt = decltype(x_tag);
     using ot = decltype(out_tag);
     auto kernel = vec ? unshuffle_fwd_kernel<xt, ot, kVec> : unshuffle_fwd_kernel<xt, ot, 1>;
@@ -249,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> unshuffle_backward_cuda(const at::Tensor& gra
     check_grid(n * chunks, lay.col_tiles, "unshuffle_backward");
     const dim3 grid(static_cast<unsigned>(n * chunks), static_cast<unsigned>(lay.col_tiles));
     const dim3 block(lay.tx, lay.ty);
-    dispatch_x_wide(x_dtype, g.scalar_type(), [&](auto x_tag, auto g_tag) {
+    fastmae_unshuffle::dispatch_x_wide(x_dtype, g.scalar_type(), [&](auto x_tag, auto g_tag) {
       using xt = decltype(x_tag);
       using gt = decltype(g_tag);
       auto kernel = vec ? unshuffle_bwd_kernel<xt, gt, kVec> : unshuffle_bwd_kernel<xt, gt, 1>;

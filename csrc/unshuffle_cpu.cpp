@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "unshuffle.h"
+
 namespace {
 
 bool is_fastmae_float(at::ScalarType t) {
@@ -52,21 +54,6 @@ int64_t grain_rows(int64_t dd) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(dd, 1));
 }
 
-// Calls f(x_tag, wide_tag) with value-initialised objects of (x's C++ type, the wide tensor's C++
-// type); the wide dtype (output, grad_out) is x's or fp32: the promotion of x with fp32/bf16/fp16 is one of the two.
-template <typename F>
-void dispatch_x_wide(at::ScalarType x_dtype, at::ScalarType wide_dtype, F f) {
-  TORCH_CHECK(wide_dtype == x_dtype || wide_dtype == at::kFloat,
-              "unshuffle: the wide dtype must be x's or float32, got ", wide_dtype, " for x ", x_dtype);
-  AT_DISPATCH_SWITCH(x_dtype, "unshuffle",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { f(scalar_t{}, float{}); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                       if (wide_dtype == x_dtype) f(scalar_t{}, scalar_t{}); else f(scalar_t{}, float{});
-                     })
-                     AT_DISPATCH_CASE(at::kHalf, [&] {
-                       if (wide_dtype == x_dtype) f(scalar_t{}, scalar_t{}); else f(scalar_t{}, float{});
-                     }));
-}
 
 template <typename xt, typename ot>
 void unshuffle_forward_cpu_kernel(const xt* x, const int64_t* ids, const ot* tok, const ot* pos, ot* out, int64_t n,
@@ -188,7 +175,7 @@ at::Tensor unshuffle_cpu(const at::Tensor& x, const at::Tensor& ids_restore, con
   const at::Tensor pos = pos_embed.to(out_dtype).contiguous();
   at::Tensor out = at::empty({n, patches + 1, dd}, x.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
-  dispatch_x_wide(x.scalar_type(), out_dtype, [&](auto x_tag, auto out_tag) {
+  fastmae_unshuffle::dispatch_x_wide(x.scalar_type(), out_dtype, [&](auto x_tag, auto out_tag) {
     using xt = decltype(x_tag);
     using ot = decltype(out_tag);
     unshuffle_forward_cpu_kernel<xt, ot>(xc.const_data_ptr<xt>(), ids.const_data_ptr<int64_t>(),
@@ -212,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> unshuffle_backward_cpu(const at::Tensor& grad
   at::Tensor partial = at::empty({n, dd}, grad_out.options().dtype(at::kFloat));  // (N, Dd) per-sample sums
   at::Tensor grad_tok = at::empty({1, 1, dd}, grad_out.options().dtype(mask_token_dtype));
   if (n > 0 && dd > 0) {
-    dispatch_x_wide(x_dtype, g.scalar_type(), [&](auto x_tag, auto g_tag) {
+    fastmae_unshuffle::dispatch_x_wide(x_dtype, g.scalar_type(), [&](auto x_tag, auto g_tag) {
       using xt = decltype(x_tag);
       using gt = decltype(g_tag);
       unshuffle_backward_cpu_kernel<xt, gt>(g.const_data_ptr<gt>(), ids.const_data_ptr<int64_t>(),
