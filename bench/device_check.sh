@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# bench/device_check.sh OUT_DIR -- the one prepared check for a lent GPU machine (no network).
+# bench/device_check.sh OUT_DIR [STEPS...] -- the one prepared check for a lent GPU machine (no network).
+# STEPS (default: all) picks from: build info gpu_tests profile ops_bench aot.
 #
 # Runs, from the repository root: the environment report, the fastmae._C build (FASTMAE_BUILD_CUDA=1),
 # every test marked gpu (bf16/fp16 parity of the triton and cuda backends, opcheck on CUDA, torch.compile
-# with the triton backends), the op microbenchmarks with GB/s against the measured copy bandwidth, and
+# with the triton backends; pytest-xdist with FASTMAE_CHECK_WORKERS processes), a profiled ViT-L step
+# (bench/profile_step.py), the op microbenchmarks with GB/s against the measured copy bandwidth, and
 # the AOT register report; everything is written under OUT_DIR and a short summary is printed last.
 # Each step has its own time limit; a failing step is reported and the next one still runs.
 #
@@ -13,7 +15,9 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
 #       -d .whl pytest-benchmark py-cpuinfo
 set -uo pipefail
-out=${1:?usage: bench/device_check.sh OUT_DIR}
+out=$(realpath -m "${1:?usage: bench/device_check.sh OUT_DIR [STEPS...]}")
+shift
+steps=${*:-build info gpu_tests profile ops_bench aot}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -36,18 +40,26 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT_DIR/NAME.
   git rev-parse HEAD 2>/dev/null || echo "no git revision"
 } > "$out/env.txt" 2>&1
 
+wants() { [[ " $steps " == *" $1 "* ]]; }
+
 if compgen -G ".whl/*.whl" > /dev/null; then
   step wheels 120 python -m pip install --no-deps --no-index .whl/*.whl
 fi
-step build 300 env FASTMAE_BUILD_CUDA=1 python -m pip install --no-deps --no-build-isolation --use-pep517 -e .
-step info 60 python -m fastmae.cli info
-step gpu_tests 420 python -m pytest -q -m gpu tests/ops tests/test_graph_capture.py --junitxml "$out/gpu_tests.xml" -p no:cacheprovider
-step ops_bench 240 python -m pytest -q bench/test_bench_ops.py --benchmark-only \
-  --benchmark-json "$out/ops_bench.json" -p no:cacheprovider
-if [ -f "$out/ops_bench.json" ]; then
-  step ops_table 30 python bench/summarize_ops.py "$out/ops_bench.json" --csv "$out/ops_bench.csv"
+wants build && step build 180 env FASTMAE_BUILD_CUDA=1 MAX_JOBS="$(nproc)" \
+  python -m pip install --no-deps --no-build-isolation --use-pep517 -e .
+wants info && step info 60 python -m fastmae.cli info
+wants gpu_tests && step gpu_tests 240 python -m pytest -q -m gpu tests \
+  -n "${FASTMAE_CHECK_WORKERS:-8}" --junitxml "$out/gpu_tests.xml" -p no:cacheprovider
+wants profile && step profile 120 python bench/profile_step.py --model mae_vit_large_patch16 --batch-size 256 \
+  --out "$out"
+if wants ops_bench; then
+  step ops_bench 150 python -m pytest -q bench/test_bench_ops.py --benchmark-only \
+    --benchmark-json "$out/ops_bench.json" -p no:cacheprovider
+  if [ -f "$out/ops_bench.json" ]; then
+    step ops_table 30 python bench/summarize_ops.py "$out/ops_bench.json" --csv "$out/ops_bench.csv"
+  fi
 fi
-step aot 240 env -u TRITON_INTERPRET python -m fastmae.kernels.aot --json "$out/aot.json"
+wants aot && step aot 240 env -u TRITON_INTERPRET python -m fastmae.kernels.aot --json "$out/aot.json"
 
 echo
 cat "$out/env.txt"

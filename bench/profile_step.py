@@ -1,0 +1,106 @@
+"""Profile fastmae pretraining steps on a GPU: img/s per backend choice and the top kernels by CUDA time.
+
+    python bench/profile_step.py --model mae_vit_large_patch16 --batch-size 256 --out OUT_DIR
+
+For each variant (``default`` backends, ``op=backend`` pins, ``reference`` for everything) it times
+``--steps`` complete steps (forward, backward, fused AdamW; bf16 autocast; synthetic images on the
+device) with CUDA events, then profiles two steps of the default variant
+and writes the kernel table (``profile_<model>.txt``) and a JSON summary (``profile_<model>.json``).
+This is a diagnostic for finding where a step's time goes; the comparable benchmark is ``fastmae bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import fastmae
+from fastmae.flops import mae_flops
+from fastmae.train.optim import build_optimizer
+
+
+def _step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor):  # noqa: ANN202
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _, _ = model(imgs, mask_ratio=0.75)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def _time_steps(step, steps: int, warmup: int) -> float:  # noqa: ANN001
+    """Mean milliseconds per step over ``steps`` after ``warmup``."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="mae_vit_large_patch16")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", default="default,attention=torch,attention=triton,layer_norm=torch,reference")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = getattr(fastmae, args.model)(norm_pix_loss=True).to(device)
+    optimizer = build_optimizer(model, lr=1.5e-4 * args.batch_size / 256)
+    imgs = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    step = _step_fn(model, optimizer, imgs)
+    train_flops = mae_flops(model).train_step * args.batch_size
+
+    results = {"model": args.model, "batch_size": args.batch_size, "gpu": torch.cuda.get_device_name(),
+               "torch": torch.__version__, "variants": {}}
+    for variant in args.variants.split(","):
+        if variant == "default":
+            ctx = contextlib.nullcontext()
+        elif variant == "reference":
+            ctx = fastmae.ops.use_backend("reference")
+        else:
+            op, backend = variant.split("=")
+            ctx = fastmae.ops.use_backend(**{op: backend})
+        t0 = time.perf_counter()
+        try:
+            with ctx:
+                torch.cuda.reset_peak_memory_stats()
+                ms = _time_steps(step, args.steps, args.warmup)
+            row = {"ms_per_step": ms, "img_per_s": args.batch_size * 1e3 / ms,
+                   "tflops": train_flops / ms / 1e9, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+        except Exception as exc:  # a failing variant is reported, the next one still runs
+            row = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        row["wall_s"] = time.perf_counter() - t0
+        results["variants"][variant] = row
+        print(variant, json.dumps(row), flush=True)
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
+    (args.out / f"profile_{args.model}.txt").write_text(table)
+    (args.out / f"profile_{args.model}.json").write_text(json.dumps(results, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
