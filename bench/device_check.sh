@@ -45,15 +45,15 @@ wants() { [[ " $steps " == *" $1 "* ]]; }
 if compgen -G ".whl/*.whl" > /dev/null; then
   step wheels 120 python -m pip install --no-deps --no-index .whl/*.whl
 fi
-wants build && step build 180 env FASTMAE_BUILD_CUDA=1 MAX_JOBS="$(nproc)" \
+wants build && step build 120 env FASTMAE_BUILD_CUDA=1 MAX_JOBS="$(nproc)" \
   python -m pip install --no-deps --no-build-isolation --use-pep517 -e .
 wants info && step info 60 python -m fastmae.cli info
-wants gpu_tests && step gpu_tests 240 python -m pytest -q -m gpu tests \
+wants gpu_tests && step gpu_tests 170 python -m pytest -q -m gpu tests \
   -n "${FASTMAE_CHECK_WORKERS:-8}" --junitxml "$out/gpu_tests.xml" -p no:cacheprovider
-wants profile && step profile 120 python bench/profile_step.py --model mae_vit_large_patch16 --batch-size 256 \
+wants profile && step profile 90 python bench/profile_step.py --model mae_vit_large_patch16 --batch-size 256 \
   --out "$out"
 if wants ops_bench; then
-  step ops_bench 150 python -m pytest -q bench/test_bench_ops.py --benchmark-only \
+  step ops_bench 100 python -m pytest -q bench/test_bench_ops.py --benchmark-only \
     --benchmark-json "$out/ops_bench.json" -p no:cacheprovider
   if [ -f "$out/ops_bench.json" ]; then
     step ops_table 30 python bench/summarize_ops.py "$out/ops_bench.json" --csv "$out/ops_bench.csv"
