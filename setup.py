@@ -89,6 +89,7 @@ def cuda_extension() -> tuple[list, dict]:
 
 
 ext_modules, cmdclass = cuda_extension()
+DALI = "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'"
 
 setup(
     name="fastmae",
@@ -98,7 +99,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["fastmae", "fastmae.ops", "fastmae.data", "fastmae.train", "fastmae.kernels"],
+    packages=["fastmae", "fastmae.ops", "fastmae.data", "fastmae.train", "fastmae.benchmark", "fastmae.kernels"],
     package_dir={"fastmae.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
@@ -108,9 +109,15 @@ setup(
         "scikit-image",
         "matplotlib",
         "tqdm",
+        "tensorboard",
         "tomli; python_version < '3.11'",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={
+        # NVIDIA DALI: GPU JPEG decoding for the loaders (fastmae.data picks it when installed); the
+        # tests run its CPU pipelines
+        "dali": [DALI],
+        "test": ["pytest", "pytest-benchmark", DALI],
+    },
     entry_points={"console_scripts": ["fastmae=fastmae.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

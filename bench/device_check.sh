@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # bench/device_check.sh OUT_DIR [STEPS...] -- the one prepared check for a lent GPU machine (no network).
-# STEPS (default: all) picks from: build info gpu_tests profile ops_bench aot.
+# STEPS (default: all) picks from: build info gpu_tests profile ops_bench attention_bench e2e aot.
 #
 # Runs, from the repository root: the environment report, the fastmae._C build (FASTMAE_BUILD_CUDA=1),
 # every test marked gpu (bf16/fp16 parity of the triton and cuda backends, opcheck on CUDA, torch.compile
 # with the triton backends; pytest-xdist with FASTMAE_CHECK_WORKERS processes), a profiled ViT-L step
-# (bench/profile_step.py), the op microbenchmarks with GB/s against the measured copy bandwidth, and
-# the AOT register report; everything is written under OUT_DIR and a short summary is printed last.
+# (bench/profile_step.py), the op microbenchmarks with GB/s against the measured copy bandwidth, the
+# attention benchmark (TFLOP/s per backend at MAE's shapes), the end-to-end `fastmae bench` table with
+# its CSV and plots, and the AOT register report; everything is written under OUT_DIR and a short
+# summary is printed last.
 # Each step has its own time limit; a failing step is reported and the next one still runs.
 #
 # Wheels the GPU machine lacks go in .whl/ (carried with the working tree) and are installed first.
 # Prepare them on a machine with PyPI, for the GPU machine's Python 3.12:
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
-#       -d .whl pytest-benchmark py-cpuinfo
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl xformers==0.0.35
+# (the lent H100/H200 image already has pytest-benchmark, pytest-xdist, timm and transformers; DALI's
+# wheel is too large to carry in one call).
 set -uo pipefail
 out=$(realpath -m "${1:?usage: bench/device_check.sh OUT_DIR [STEPS...]}")
 shift
-steps=${*:-build info gpu_tests profile ops_bench aot}
+steps=${*:-build info gpu_tests profile ops_bench attention_bench e2e aot}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -58,6 +61,16 @@ if wants ops_bench; then
   if [ -f "$out/ops_bench.json" ]; then
     step ops_table 30 python bench/summarize_ops.py "$out/ops_bench.json" --csv "$out/ops_bench.csv"
   fi
+fi
+wants attention_bench && step attention_bench 120 python -m pytest -q bench/test_bench_attention.py --benchmark-only \
+  --benchmark-json "$out/attention_bench.json" -p no:cacheprovider
+if wants e2e; then  # the end-to-end table: cheap rows first; rows land in bench/results/<gpu>.csv as they finish
+  step e2e_large 240 fastmae bench --models mae_vit_large_patch16 --steps 10 --warmup 3 --max-seconds 150 \
+    --impls fastmae-cudagraph,fastmae,official,modern,fastmae-reference,hf,fastmae-compile
+  step e2e_base_huge 150 fastmae bench --models mae_vit_base_patch16,mae_vit_huge_patch14 --steps 10 --warmup 3 \
+    --max-seconds 80 --impls fastmae-cudagraph,fastmae,modern
+  step plots 60 python bench/plot_results.py bench/results/*.csv
+  cp bench/results/*.csv bench/results/*.png "$out/" 2>/dev/null
 fi
 wants aot && step aot 240 env -u TRITON_INTERPRET python -m fastmae.kernels.aot --json "$out/aot.json"
 

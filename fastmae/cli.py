@@ -1,11 +1,13 @@
-"""The ``fastmae`` command: ``fastmae pretrain ...`` and ``fastmae info``."""
+"""The ``fastmae`` command: ``fastmae pretrain ...``, ``fastmae bench ...`` and ``fastmae info``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import platform
+import signal
 import sys
 from pathlib import Path
 
@@ -14,7 +16,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from fastmae.train.config import DEMO_DEFAULTS, PAPER_DEFAULTS, PRECISIONS, PretrainConfig
+from fastmae.benchmark.command import add_arguments as add_bench_arguments
+from fastmae.benchmark.command import cmd_bench
+from fastmae.train.config import DEMO_DEFAULTS, PAPER_DEFAULTS, PARALLEL_MODES, PRECISIONS, PretrainConfig
+
+EXIT_NONFINITE = 3  # fastmae.train.nonfinite.EXIT_NONFINITE (not imported here: `fastmae info` needs no training deps)
+EXIT_PREEMPTED = 75  # fastmae.train.preemption.EXIT_PREEMPTED
 
 PRETRAIN_HELP = {
     "model": "model preset",
@@ -37,7 +44,19 @@ PRETRAIN_HELP = {
     "log_every": "steps between logged metrics (and host syncs)",
     "save_every": "steps between checkpoints",
     "keep_last": "checkpoints kept",
-    "num_workers": "data-loading worker processes",
+    "num_workers": "data-loading worker processes (torch loader) or threads (DALI)",
+    "loader": "input pipeline: dali (GPU JPEG decode), torch (PIL on DataLoader workers), or auto: DALI when "
+              "installed",
+    "on_bad_file": "error: stop at the first bad image file, naming it; skip: leave bad files out, log each, "
+                   "stop when more than 1%% are bad",
+    "parallel": "with several ranks (torchrun): ddp, or fsdp (FSDP2 sharding, for ViT-H)",
+    "activation_checkpointing": "recompute each block's activations in the backward pass (less memory)",
+    "compile": "torch.compile the model",
+    "deterministic": "deterministic algorithms: with precision fp32, a resumed run repeats an uninterrupted one "
+                     "bit for bit",
+    "clip_grad": "clip the global gradient norm to this value",
+    "max_nonfinite": f"stop (exit code {EXIT_NONFINITE}) after this many consecutive steps with a non-finite loss "
+                     "or gradients; such steps are skipped",
 }
 
 
@@ -52,6 +71,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "precision":
             parser.add_argument(flag, dest=f.name, choices=sorted(PRECISIONS), default=None, help=help_text)
+        elif f.name == "parallel":
+            parser.add_argument(flag, dest=f.name, choices=PARALLEL_MODES, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0].strip(), str)
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
@@ -71,15 +92,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="MAE pretraining (no --data: the embedded demo photos)",
                          description="MAE pretraining. Settings come from the defaults, then --config, "
-                                     "then the flags below.")
+                                     "then the flags below. Under torchrun the same command trains on every rank "
+                                     "(e.g. torchrun --nproc_per_node=8 --no-python fastmae pretrain ...). Rerunning "
+                                     "it with the same --output resumes from the newest complete checkpoint.",
+                         epilog=f"Exit codes: 0 done; 2 bad configuration or a bad image file (see --on-bad-file); {EXIT_NONFINITE} stopped after too many "
+                                f"consecutive non-finite steps (the last checkpoint is good); {EXIT_PREEMPTED} "
+                                "preempted by SIGTERM or SIGUSR1 after saving a checkpoint (run the same command "
+                                "again to resume).")
     pre.add_argument("--config", help="a .json or .toml file of config keys (the flags' names with underscores)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(pre)
     sub.add_parser("info", help="versions, the fastmae._C extension, and every op's backends on this machine")
+    bench = sub.add_parser("bench", help="pretraining-step img/s, MFU and memory of fastmae and the baselines",
+                           description="Time complete pretraining steps of each model x input x implementation; "
+                                       "each row is upserted into <results-dir>/<gpu>.csv as soon as it is measured.")
+    add_bench_arguments(bench)
     return parser
 
 
+def _ignore_sigterm() -> None:
+    """Every rank has stopped at the same step (and saved, if preempted); torchrun sends SIGTERM to the other
+    workers as soon as one exits non-zero: let them exit with their own code."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from fastmae.data.bad_files import BadImageError
+    from fastmae.train.nonfinite import NonFiniteError
     from fastmae.train.pretrain import pretrain
 
     values = _read_config_file(args.config) if args.config else {}
@@ -91,10 +130,22 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         print(f"fastmae pretrain: {exc}", file=sys.stderr)
         return 2
-    summary = pretrain(cfg, progress=not args.no_progress)
-    print(f"fastmae pretrain: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
-          f"{summary.img_per_s:.0f} img/s; outputs in {summary.output}/ "
-          "(config.json, metrics.jsonl, checkpoints/, reconstruction.png)")
+    try:
+        summary = pretrain(cfg, progress=not args.no_progress)
+    except BadImageError as exc:  # a bad file under on_bad_file="error", or too many skipped
+        print(f"fastmae pretrain: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteError as exc:
+        print(f"fastmae pretrain (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
+        _ignore_sigterm()
+        return EXIT_NONFINITE
+    if summary.status == "preempted":
+        _ignore_sigterm()
+        return EXIT_PREEMPTED
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fastmae pretrain: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
+              f"{summary.img_per_s:.0f} img/s, {summary.skipped_steps} non-finite steps skipped; outputs in "
+              f"{summary.output}/ (config.json, metrics.jsonl, tensorboard/, checkpoints/, reconstruction.png)")
     return 0
 
 
@@ -131,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "pretrain":
         return cmd_pretrain(args)
+    if args.command == "bench":
+        return cmd_bench(args)
     return cmd_info()
 
 

@@ -84,16 +84,17 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``fc2(GELU(fc1(x)))`` with the exact (erf) GELU."""
+    """``fc2(GELU(fc1(x)))`` with the exact (erf) GELU; fc1 and the GELU are one ``ops.linear_gelu``."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))  # (N, S, D) -> (N, S, 4D) -> (N, S, D)
+        """``(N, S, D)`` -> ``(N, S, D)``."""
+        hidden = ops.linear_gelu(x, self.fc1.weight, self.fc1.bias)  # (N, S, D) -> (N, S, 4D)
+        return self.fc2(hidden)  # (N, S, 4D) -> (N, S, D)
 
 
 class Block(nn.Module):

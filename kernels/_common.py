@@ -22,6 +22,17 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def wrap_triton(kernel: Callable) -> Callable:
+    """``torch.library.wrap_triton(kernel)`` for launching ``kernel`` inside a ``triton_op``; under the
+    interpreter, where ``@triton.jit`` gives an ``InterpretedFunction`` (not a ``JITFunction``), the kernel
+    itself: torch 2.14 does that too, older torch (2.11 seen) raises instead. Nothing is traced there."""
+    from triton.runtime.jit import JITFunction
+
+    if interpreter_on() and not isinstance(kernel, JITFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 def triton_available() -> str | None:
     """None when Triton is importable; the machine-level reason otherwise."""
     if importlib.util.find_spec("triton") is None:

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._common import interpreter_on
+from fastmae.kernels._common import interpreter_on, wrap_triton
 from fastmae.kernels.aot import AotKernel
 
 MAX_D = 4096  # whole rows in registers (the backward spills at 8192: 32 values per thread at 16 warps)
@@ -173,7 +173,7 @@ def _layer_norm_param_grad_kernel(
 def _blocks(dim: int, tile: int, per_thread: int) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_D, num_warps)`` for rows of width ``dim``, a tile of ``tile`` elements (or one
     row) and about ``per_thread`` tile elements per thread (4 to 16 warps)."""
-    block_d = triton.next_power_of_2(dim)
+    block_d = triton.next_power_of_2(int(dim))  # int(): a traced width is specialised (constexprs must be ints)
     block_r = max(1, tile // block_d)
     return block_r, block_d, min(16, max(4, block_r * block_d // (32 * per_thread)))
 
@@ -210,7 +210,7 @@ def layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     block_r, block_d, num_warps = _fwd_blocks(dim)
     if num_rows > 0:
-        torch.library.wrap_triton(_layer_norm_fwd_kernel)[(triton.cdiv(num_rows, block_r),)](
+        wrap_triton(_layer_norm_fwd_kernel)[(triton.cdiv(num_rows, block_r),)](
             x, x if residual is None else residual, weight, bias, out, out if residual is None else total,
             mean, rstd, num_rows, dim, eps,
             BLOCK_R=block_r, BLOCK_D=block_d, HAS_RESIDUAL=residual is not None, num_warps=num_warps)
@@ -233,11 +233,11 @@ def layer_norm_backward_op(grad_out: torch.Tensor, grad_sum: torch.Tensor | None
     grad_weight = torch.empty((dim,), dtype=weight.dtype, device=total.device)
     grad_bias = torch.empty((dim,), dtype=bias_dtype, device=total.device)
     if programs > 0:
-        torch.library.wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
+        wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
             grad_out, grad_out if grad_sum is None else grad_sum, total, weight, mean, rstd, grad_total, partial,
             num_rows, dim, rows_per_program,
             BLOCK_R=block_r, BLOCK_D=block_d, HAS_GRAD_SUM=grad_sum is not None, num_warps=num_warps)
-    torch.library.wrap_triton(_layer_norm_param_grad_kernel)[(triton.cdiv(dim, RED_BLOCK_D),)](
+    wrap_triton(_layer_norm_param_grad_kernel)[(triton.cdiv(dim, RED_BLOCK_D),)](
         partial, grad_weight, grad_bias, programs, dim, BLOCK_P=RED_BLOCK_P, BLOCK_D=RED_BLOCK_D)
     return grad_total, grad_weight, grad_bias
 

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._common import interpreter_on
+from fastmae.kernels._common import interpreter_on, wrap_triton
 from fastmae.kernels.aot import AotKernel
 
 MAX_BLOCK_P = 4096  # a whole patch per tile row, in registers
@@ -161,9 +161,9 @@ def masked_mse_fwd(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p
     loss = torch.empty((), dtype=out_dtype, device=pred.device)
     mask_sum = torch.empty((), dtype=torch.float32, device=pred.device)
     if programs > 0:
-        torch.library.wrap_triton(_masked_mse_fwd_kernel)[(programs,)](
+        wrap_triton(_masked_mse_fwd_kernel)[(programs,)](
             pred, imgs, mask, partial, *args, **_constexprs(imgs, patch_size, norm_pix), num_warps=_NUM_WARPS)
-    torch.library.wrap_triton(_masked_mse_sum_kernel)[(1,)](partial, loss, mask_sum, programs, BLOCK=_SUM_BLOCK)
+    wrap_triton(_masked_mse_sum_kernel)[(1,)](partial, loss, mask_sum, programs, BLOCK=_SUM_BLOCK)
     return loss, mask_sum
 
 
@@ -174,7 +174,7 @@ def masked_mse_bwd(grad_loss: torch.Tensor, mask_sum: torch.Tensor, pred: torch.
     programs, args = _launch_args(pred, imgs, mask, patch_size, eps)
     grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)  # (N, L, P)
     if programs > 0:
-        torch.library.wrap_triton(_masked_mse_bwd_kernel)[(programs,)](
+        wrap_triton(_masked_mse_bwd_kernel)[(programs,)](
             grad_loss, mask_sum, pred, imgs, mask, grad, *args, **_constexprs(imgs, patch_size, norm_pix),
             num_warps=_NUM_WARPS)
     return grad

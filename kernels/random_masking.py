@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmae.kernels._common import wrap_triton
 from fastmae.kernels.aot import AotKernel
 
 MAX_PATCHES = 1024  # the whole row lives in registers
@@ -148,7 +149,7 @@ def random_masking_op(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor,
     n, num_patches = noise.shape
     ids_keep, ids_restore, mask = _empty_outputs(n, num_patches, len_keep, noise.device)
     block_l, block_i = _blocks(num_patches)
-    torch.library.wrap_triton(_random_masking_kernel)[(n,)](
+    wrap_triton(_random_masking_kernel)[(n,)](
         noise, ids_keep, ids_restore, mask, num_patches, len_keep, BLOCK_L=block_l, BLOCK_I=block_i)
     return ids_keep, ids_restore, mask
 
@@ -160,7 +161,7 @@ def random_masking_philox_op(num_samples: int, num_patches: int, len_keep: int, 
     of ``(seed, step)``; ``L <= 1024``."""
     ids_keep, ids_restore, mask = _empty_outputs(num_samples, num_patches, len_keep, device)
     block_l, block_i = _blocks(num_patches)
-    torch.library.wrap_triton(_random_masking_philox_kernel)[(num_samples,)](
+    wrap_triton(_random_masking_philox_kernel)[(num_samples,)](
         ids_keep, ids_restore, mask, seed, step, num_patches, len_keep, BLOCK_L=block_l, BLOCK_I=block_i)
     return ids_keep, ids_restore, mask
 

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmae.kernels._common import wrap_triton
 from fastmae.kernels.aot import AotKernel
 
 TILE = 2048  # elements per (rows x columns) tile: 16 per thread at 4 warps
@@ -156,7 +157,7 @@ def unshuffle_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.T
     out = torch.empty((n, num_patches + 1, dd), dtype=out_dtype(x, mask_token, pos_embed), device=x.device)
     block_r, block_d = _blocks(num_patches + 1, dd)
     grid = (triton.cdiv(num_patches + 1, block_r), triton.cdiv(dd, block_d), n)
-    torch.library.wrap_triton(_unshuffle_fwd_kernel)[grid](
+    wrap_triton(_unshuffle_fwd_kernel)[grid](
         x, ids_restore, mask_token, pos_embed, out, s - 1, num_patches, dd, BLOCK_R=block_r, BLOCK_D=block_d)
     return out
 
@@ -173,11 +174,11 @@ def unshuffle_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor, num_kee
     grad_x = torch.empty((n, num_keep + 1, dd), dtype=x_dtype, device=grad.device)
     partial = torch.empty((n, num_chunks, dd), dtype=torch.float32, device=grad.device)  # (N, C, Dd)
     grad_tok = torch.empty((1, 1, dd), dtype=mask_token_dtype, device=grad.device)
-    torch.library.wrap_triton(_unshuffle_bwd_kernel)[(num_chunks, triton.cdiv(dd, block_d), n)](
+    wrap_triton(_unshuffle_bwd_kernel)[(num_chunks, triton.cdiv(dd, block_d), n)](
         grad, ids_restore, grad_x, partial, num_keep, rows - 1, dd, num_chunks,
         BLOCK_R=block_r, BLOCK_D=block_d, ROW_ITERS=row_iters)
     red_block_d = min(triton.next_power_of_2(dd), RED_MAX_BLOCK_D)
-    torch.library.wrap_triton(_mask_token_grad_kernel)[(triton.cdiv(dd, red_block_d),)](
+    wrap_triton(_mask_token_grad_kernel)[(triton.cdiv(dd, red_block_d),)](
         partial, grad_tok, n * num_chunks, dd, BLOCK_P=RED_BLOCK_P, BLOCK_D=red_block_d)
     return grad_x, grad_tok
 

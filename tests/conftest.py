@@ -1,8 +1,10 @@
 """Shared test setup. Without a GPU the Triton kernels run in the interpreter: TRITON_INTERPRET=1 is
-set here, before any kernel is defined. Also: ``tests/`` on the import path, the gpu marker."""
+set here, before any kernel is defined (and the interpreter of Triton < 3.7 is fixed for numpy >= 2.4).
+Also: ``tests/`` on the import path, the gpu marker."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -10,10 +12,54 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _interpreter_loops_run() -> bool:
+    """Whether the Triton interpreter runs a loop bounded by a scalar kernel argument."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_to_kernel(out_ptr, n):  # out[0] = n, counted by a loop over the runtime scalar n
+        count = 0
+        for _ in range(0, n):
+            count += 1
+        tl.store(out_ptr, count)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count_to_kernel[(1,)](out, 3)
+    except triton.runtime.errors.InterpreterError:
+        return False
+    return out.item() == 3
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """Triton < 3.7's interpreter turns a scalar argument into an index with ``int()`` of a 1-element
+    array, which numpy >= 2.4 refuses (triton-lang/triton#9171), so every loop bounded by a runtime
+    argument fails. Where the probe kernel shows that, index through ``.item()`` as Triton 3.8 does."""
+    if _interpreter_loops_run():
+        return
+    import triton
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor  # re-applied at every launch: wrapped, not patched once
+
+    def patch_tensor_with_item_index(tensor: type, scope: object) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_tensor_with_item_index
+    if not _interpreter_loops_run():
+        raise RuntimeError(f"the Triton {triton.__version__} interpreter cannot loop over a kernel argument, "
+                           "even with the numpy >= 2.4 fix (use numpy < 2.4 or Triton >= 3.7)")
+
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined: @triton.jit reads it
+    if importlib.util.find_spec("triton") is not None:
+        _fix_interpreter_scalar_index()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -49,6 +49,19 @@ def test_auto_devices_limit_the_priority_list_not_a_named_choice() -> None:
         del OPS["cuda_first"]
 
 
+def test_auto_when_limits_the_priority_list_not_a_named_choice() -> None:
+    calls = []
+    op = Op("short_first", [Backend("triton", lambda x: calls.append("triton"), auto_when=lambda x: x.numel() <= 4),
+                            Backend("reference", lambda x: calls.append("reference"))])
+    try:
+        op(torch.ones(4))
+        op(torch.ones(5))
+        op(torch.ones(5), backend="triton")
+        assert calls == ["triton", "reference", "triton"]
+    finally:
+        del OPS["short_first"]
+
+
 def test_precedence_argument_context_env(toy_op, monkeypatch) -> None:  # noqa: ANN001
     op, calls = toy_op
     monkeypatch.setenv("FASTMAE_BACKEND", "toy_op=reference")
@@ -116,6 +129,7 @@ def test_real_ops_respect_the_choice(monkeypatch) -> None:
 
 
 def test_every_op_ends_with_reference() -> None:
-    assert set(OPS) >= {"random_masking", "patch_embed_visible", "unshuffle", "masked_mse", "attention", "layer_norm"}
+    assert set(OPS) >= {"random_masking", "patch_embed_visible", "unshuffle", "masked_mse", "attention", "layer_norm",
+                        "linear_gelu"}
     with pytest.raises(ValueError, match="must end with 'reference'"):
         Op("bad_op", [Backend("torch", lambda x: x)])

@@ -57,7 +57,9 @@ def test_pretrain_outputs_and_resume(tmp_path: Path, demo_root: Path, capsys: py
     assert [r["step"] for r in rows] == [2, 4, 6]  # continued, not restarted
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["ckpt-00000004.pt", "ckpt-00000006.pt"]
     _, state = load_latest_checkpoint(out / "checkpoints")
-    assert state["step"] == 6 and set(state) >= {"model", "optimizer", "scaler", "rng_cpu"}
+    assert state["step"] == 6 and set(state) >= {"model", "optimizer", "scaler", "loader", "rng", "skipped_steps"}
+    assert state["loader"]["epoch"] * 4 + state["loader"]["batch"] == 6  # 36 images: 4 batches of 8 per epoch
+    assert state["rng"]["cpu"].shape[0] == 1  # one row per rank
 
 
 def test_half_written_and_damaged_checkpoints_are_ignored(tmp_path: Path) -> None:

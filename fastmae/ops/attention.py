@@ -27,23 +27,36 @@ def attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _sdpa_kernel_for(qkv: torch.Tensor, head_dim: int) -> SDPBackend:
-    """The SDPA kernel this call is pinned to: flash where it applies (fp16/bf16 on sm_80 and newer,
-    head dim <= 256), else memory-efficient; the CPU flash kernel on CPU (and meta, for tracing)."""
+    """The SDPA kernel this call is pinned to. On CUDA with fp16/bf16: cuDNN on sm_90 and newer (head dim
+    a multiple of 8, <= 128), which measured fastest at MAE's decoder and ViT-H encoder shapes on an H200
+    (bench/results/), else flash (sm_80 and newer, head dim <= 256); fp32 and older GPUs get the
+    memory-efficient kernel. The CPU flash kernel on CPU (and meta, for tracing)."""
     if qkv.device.type == "cuda":
-        flash_ok = (qkv.dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
-                    and torch.cuda.get_device_capability(qkv.device) >= (8, 0))
-        return SDPBackend.FLASH_ATTENTION if flash_ok else SDPBackend.EFFICIENT_ATTENTION
+        low_precision = qkv.dtype in (torch.float16, torch.bfloat16)
+        capability = torch.cuda.get_device_capability(qkv.device)
+        if low_precision and capability >= (9, 0) and head_dim % 8 == 0 and head_dim <= 128:
+            return SDPBackend.CUDNN_ATTENTION
+        if low_precision and capability >= (8, 0) and head_dim <= 256:
+            return SDPBackend.FLASH_ATTENTION
+        return SDPBackend.EFFICIENT_ATTENTION
     return SDPBackend.FLASH_ATTENTION
 
 
-def attention_torch(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` on strided views of ``qkv``, its kernel pinned explicitly."""
+def attention_sdpa(qkv: torch.Tensor, num_heads: int, kernel: SDPBackend) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on strided views of ``qkv (N, S, 3*H*Dh)``, pinned to ``kernel``
+    (flash, efficient, cuDNN, math) -> ``(N, S, H*Dh)``. SDPA raises a RuntimeError when that kernel cannot
+    run the call; the ``torch`` backend and the benchmarks use it."""
     n, s, width = qkv.shape
     head_dim = width // (3 * num_heads)
     q, k, v = qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4)  # 3 x (N, H, S, Dh) views
-    with sdpa_kernel(_sdpa_kernel_for(qkv, head_dim)):
+    with sdpa_kernel(kernel):
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, S, Dh)
     return out.transpose(1, 2).reshape(n, s, num_heads * head_dim)  # (N, S, H*Dh)
+
+
+def attention_torch(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The ``torch`` backend: :func:`attention_sdpa` pinned to the kernel :func:`_sdpa_kernel_for` names."""
+    return attention_sdpa(qkv, num_heads, _sdpa_kernel_for(qkv, qkv.shape[-1] // (3 * num_heads)))
 
 
 def _torch_supports(qkv: torch.Tensor, num_heads: int) -> str | None:
@@ -63,6 +76,14 @@ def _triton(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return attention_triton(qkv, num_heads)
 
 
+def _triton_measured_faster(qkv: torch.Tensor, num_heads: int) -> bool:
+    """Where the priority list picks triton over SDPA: short rows of at most 64 keys x 64 dims (the ViT-B/L
+    encoder, S = 50, Dh = 64), where its one-launch backward measured 4-5x faster than SDPA's fastest kernel
+    on an H200; at the decoder's S = 197 cuDNN's SDPA measured 15% faster (bench/results/)."""
+    seq, head_dim = int(qkv.shape[1]), int(qkv.shape[-1]) // (3 * num_heads)
+    return seq <= 64 and head_dim <= 64
+
+
 def _triton_supports(qkv: torch.Tensor, num_heads: int) -> str | None:
     from fastmae.kernels.attention import MAX_HEAD_DIM, MAX_S
 
@@ -77,11 +98,71 @@ def _triton_supports(qkv: torch.Tensor, num_heads: int) -> str | None:
     return None
 
 
+# xformers documents one layout requirement for memory_efficient_attention's BMHK inputs: a unit last
+# stride. Its CUDA kernels (flash, and cutlass = torch's mem-efficient kernel) also check that the head dim and
+# the head, sequence and batch strides are multiples of their 16-byte alignment (8 elements in bf16/fp16, 4 in
+# fp32 on sm_80+): with a head dim divisible by 8 the qkv Linear's output meets all of it.
+_XFORMERS_ALIGN = 8  # elements
+
+
+NO_XFORMERS_KERNEL = "xformers is installed without CUDA attention kernels (python -m xformers.info tells why)"
+
+
+def _xformers_why_not() -> str | None:
+    try:
+        import xformers.ops  # noqa: F401
+    except ModuleNotFoundError as error:
+        if error.name in ("xformers", "xformers.ops"):
+            return "xformers is not installed"
+        return f"import xformers.ops failed: {error}"
+    except Exception as error:  # a build for another torch or CUDA fails to import in many ways; say which
+        return f"import xformers.ops failed: {type(error).__name__}: {error}"
+    if torch.cuda.is_available():  # a wheel built without CUDA imports fine but has no kernel (seen: 0.0.35)
+        probe = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)  # (N, S, H, Dh)
+        try:
+            xformers.ops.memory_efficient_attention(probe, probe, probe)
+        except NotImplementedError:
+            return NO_XFORMERS_KERNEL
+    return None
+
+
+def attention_xformers(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``xformers.ops.memory_efficient_attention`` on BMHK views of ``qkv (N, S, 3*H*Dh)`` -> ``(N, S, H*Dh)``.
+
+    q, k, v are ``(N, S, H, Dh)`` strided views (no copies); ``xformers.ops.unbind`` is ``torch.unbind`` in
+    the forward, and in the backward skips the stacking copy when xformers writes dq, dk, dv into one
+    ``(N, S, 3, H, Dh)`` buffer. A view whose strides break the kernels' alignment is copied once.
+    """
+    import xformers.ops as xops
+
+    n, s, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    aligned = all(x % _XFORMERS_ALIGN == 0 for x in (qkv.stride(0), qkv.stride(1), qkv.storage_offset()))
+    if qkv.stride(-1) != 1 or not aligned:
+        qkv = qkv.contiguous()
+    q, k, v = xops.unbind(qkv.unflatten(-1, (3, num_heads, head_dim)), 2)  # 3 x (N, S, H, Dh) views
+    out = xops.memory_efficient_attention(q, k, v)  # (N, S, H, Dh), scale Dh**-0.5
+    return out.reshape(n, s, num_heads * head_dim)  # (N, S, H*Dh)
+
+
+def _xformers_supports(qkv: torch.Tensor, num_heads: int) -> str | None:
+    if qkv.device.type != "cuda":
+        return f"xformers' memory_efficient_attention runs on CUDA tensors only, got {qkv.device.type}"
+    if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"xformers' kernels take fp16/bf16/fp32, got {qkv.dtype}"
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if head_dim % _XFORMERS_ALIGN:
+        return f"xformers' kernels need a head dim divisible by {_XFORMERS_ALIGN}, got {head_dim}"
+    return None
+
+
 ATTENTION = Op(
     "attention",
-    [
-        Backend("torch", attention_torch, supports=_torch_supports),
+    [  # priority: triton at the ViT-B/L encoder's shapes, where it measured fastest; SDPA elsewhere
         Backend("triton", _triton, available=kernel_module_available("attention"), supports=_triton_supports,
+                auto_devices=("cuda",), auto_when=_triton_measured_faster),
+        Backend("torch", attention_torch, supports=_torch_supports),
+        Backend("xformers", attention_xformers, available=_xformers_why_not, supports=_xformers_supports,
                 auto_devices=("cuda",)),
         Backend("reference", attention_reference),
     ],

@@ -22,6 +22,7 @@ priority list, and a blanket name that no op has is an error. An op-specific nam
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-BACKEND_NAMES = ("reference", "torch", "triton", "cuda", "xformers")
+BACKEND_NAMES = ("reference", "torch", "triton", "cuda", "xformers", "apex")
 ENV_VAR = "FASTMAE_BACKEND"
 _ALL_OPS = "*"
 
@@ -50,6 +51,8 @@ class Backend:
     whether it can run one call with the op's own arguments. Both return ``None`` or a reason.
     ``auto_devices`` limits the devices on which the priority list may pick it (``None``: any); on
     others it runs only when named (the Triton backends run on CPU only in the interpreter, a test tool).
+    ``auto_when(*args)``, when given, limits the priority list's picks further to the calls where this
+    backend measured faster than the next; named, it runs every call it supports.
     """
 
     name: str
@@ -57,24 +60,32 @@ class Backend:
     available: Callable[[], str | None] = _always
     supports: Callable[..., str | None] = _always
     auto_devices: tuple[str, ...] | None = None
+    auto_when: Callable[..., bool] | None = None
+    key: str = field(init=False, repr=False, compare=False)  # unique per instance: the availability cache's key
 
     def __post_init__(self) -> None:
         if self.name not in BACKEND_NAMES:
             raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {self.name!r}")
+        object.__setattr__(self, "key", f"{self.name}#{next(_SERIALS)}")
+        _BACKENDS[self.key] = self
 
     def why_not(self, args: tuple[Any, ...]) -> str | None:
-        reason = _cached_availability(self)
+        reason = _cached_availability(self.key)
         return reason if reason is not None else self.supports(*args)
 
 
-_AVAILABILITY: dict[Backend, str | None] = {}
+_SERIALS = itertools.count()
+_BACKENDS: dict[str, Backend] = {}
+_AVAILABILITY: dict[str, str | None] = {}
 
 
 @torch.compiler.assume_constant_result  # asked once, eagerly, even while torch.compile traces
-def _cached_availability(backend: Backend) -> str | None:
-    if backend not in _AVAILABILITY:
-        _AVAILABILITY[backend] = backend.available()
-    return _AVAILABILITY[backend]
+def _cached_availability(key: str) -> str | None:
+    """``Backend.available()`` of the backend registered under ``key``, asked once. It takes a string, not
+    the Backend: torch.compile (torch 2.11) cannot pass a frozen dataclass to a constant-result function."""
+    if key not in _AVAILABILITY:
+        _AVAILABILITY[key] = _BACKENDS[key].available()
+    return _AVAILABILITY[key]
 
 
 @dataclass
@@ -114,7 +125,7 @@ class Op:
         for candidate in self.backends:
             if candidate.auto_devices is not None and device not in candidate.auto_devices:
                 continue
-            if candidate.why_not(args) is None:
+            if candidate.why_not(args) is None and (candidate.auto_when is None or candidate.auto_when(*args)):
                 return candidate
         raise BackendUnavailableError(f"{self.name}: no backend can run this call\n" + self.explain(args))
 
@@ -205,4 +216,4 @@ def use_backend(name: str | None = None, **per_op: str) -> Iterator[None]:
 
 def backend_table() -> list[tuple[str, str, str | None, tuple[str, ...] | None]]:
     """``(op, backend, None or why not, auto_devices)`` for every op and backend on this machine."""
-    return [(op.name, b.name, _cached_availability(b), b.auto_devices) for op in OPS.values() for b in op.backends]
+    return [(op.name, b.name, _cached_availability(b.key), b.auto_devices) for op in OPS.values() for b in op.backends]

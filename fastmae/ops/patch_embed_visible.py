@@ -40,7 +40,7 @@ def _triton_supports(
     if torch.is_grad_enabled() and pos_embed.requires_grad:
         return "the triton backend gives no gradient for pos_embed (pos_embed.requires_grad is set)"
     device_type = imgs.device.type
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
     if not autocast and not imgs.dtype == weight.dtype == bias.dtype:
         return (f"imgs, weight and bias must share a dtype outside autocast (as for F.linear), got "
                 f"{imgs.dtype}, {weight.dtype}, {bias.dtype}")

@@ -1,63 +1,117 @@
-"""Checkpoints that are never half-written: temporary file, fsync, atomic rename; keep the last k.
+"""Checkpoints that are never half-written, in two layouts; keep the last k.
 
-Files are ``<dir>/ckpt-<step:08d>.pt``; a crash mid-save leaves only a ``.tmp`` file, which is
-ignored. Loading uses ``weights_only=True`` (no arbitrary unpickling) and falls back to the
-previous checkpoint when the newest cannot be read.
+- ``<dir>/ckpt-<step:08d>.pt``: one file (one process, DDP), written to a ``.tmp`` file, fsynced and renamed;
+- ``<dir>/ckpt-<step:08d>/``: a ``torch.distributed.checkpoint`` folder (FSDP), complete only once its
+  ``COMMITTED`` marker exists (see ``fastmae.train.sharded``).
+
+A crash mid-save leaves a ``.tmp`` file or a folder without the marker, which are ignored. Loading never
+unpickles arbitrary objects (``weights_only=True``) and falls back to the previous checkpoint when the newest
+file cannot be read.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+from fastmae.train.faults import maybe_pause
+
+_NAME = re.compile(r"^ckpt-(\d{8})(\.pt)?$")
+COMMIT_MARKER = "COMMITTED"
+EXTRA_STATE = "extra.pt"  # a sharded folder's step, scaler, loader and RNG state
 
 
-def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
-    return Path(directory) / f"ckpt-{step:08d}.pt"
+def checkpoint_path(directory: str | os.PathLike, step: int, sharded: bool = False) -> Path:
+    return Path(directory) / (f"ckpt-{step:08d}" if sharded else f"ckpt-{step:08d}.pt")
+
+
+def checkpoint_step(path: Path) -> int:
+    match = _NAME.match(path.name)
+    if match is None:
+        raise ValueError(f"not a checkpoint name (ckpt-<8 digits>[.pt]): {path.name!r}")
+    return int(match.group(1))
+
+
+def _complete(path: Path) -> bool:
+    return path.is_file() if path.suffix == ".pt" else (path / COMMIT_MARKER).is_file()
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in ``directory``, oldest first."""
+    """Complete checkpoints of either layout in ``directory``, oldest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    found = [(checkpoint_step(p), p) for p in directory.iterdir() if _NAME.match(p.name) and _complete(p)]
     return [p for _, p in sorted(found)]
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make renames and new files in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Any) -> None:
+    """``write(file)`` into ``path.tmp``, fsync, rename to ``path``, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> None:
+    """Delete all complete checkpoints but the newest ``keep_last`` (0: keep all), and leftovers of crashed saves
+    older than the newest complete one."""
+    directory = Path(directory)
+    complete = list_checkpoints(directory)
+    if keep_last > 0:
+        for old in complete[:-keep_last]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+    if complete:
+        newest = checkpoint_step(complete[-1])
+        for p in directory.iterdir():
+            name = p.name.removesuffix(".tmp")
+            if _NAME.match(name) and not _complete(p) and checkpoint_step(p.with_name(name)) < newest:
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
-    """Write ``state`` atomically as the checkpoint of ``step``; delete all but the newest ``keep_last``."""
+    """Write ``state`` atomically as the one-file checkpoint of ``step``; keep the newest ``keep_last``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
-    tmp = final.with_name(final.name + ".tmp")
-    with open(tmp, "wb") as f:
+
+    def write(f: Any) -> None:
         torch.save(state, f)
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    if keep_last > 0:
-        for old in list_checkpoints(directory)[:-keep_last]:
-            old.unlink(missing_ok=True)
+        maybe_pause("pause_in_save", step, 0)
+
+    write_atomic(final, write)
+    prune_checkpoints(directory, keep_last)
     return final
 
 
 def load_latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable checkpoint ``(path, state)``, or ``None`` when there is none."""
+    """The newest readable checkpoint ``(path, state)``, or ``None`` when there is none.
+
+    For a sharded folder, ``state`` is its ``extra.pt`` (everything but the model and optimiser, which
+    ``fastmae.train.sharded.load_sharded`` reads into the live modules)."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            return path, torch.load(path, map_location="cpu", weights_only=True)
+            return path, torch.load(path / EXTRA_STATE if path.is_dir() else path, map_location="cpu",
+                                    weights_only=True)
         except Exception as exc:  # a damaged file: say so and use the one before
             warnings.warn(f"skipping unreadable checkpoint {path}: {exc}", stacklevel=2)
     return None

@@ -10,6 +10,9 @@ import torch
 from fastmae.model import PRESETS
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LOADERS = ("auto", "dali", "torch")  # fastmae.data.pretrain_loader backends
+BAD_FILE_POLICIES = ("error", "skip")  # fastmae.data.bad_files
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 # Settings left unset (None) take these values: the paper's recipe on real data, and on the demo
@@ -50,6 +53,14 @@ class PretrainConfig:
     save_every: int = 200
     keep_last: int = 3
     num_workers: int = 2
+    loader: str = "auto"  # dali, torch, or auto: DALI when installed
+    on_bad_file: str = "error"  # error: stop at a bad image file, naming it; skip: leave bad files out
+    parallel: str = "ddp"  # how several ranks (torchrun) share the work; one process ignores it
+    activation_checkpointing: bool = False
+    compile: bool = False
+    deterministic: bool = False  # deterministic algorithms, for bit-exact resume (fp32 recommended)
+    clip_grad: float | None = None  # max global gradient norm; None: no clipping
+    max_nonfinite: int = 10  # stop after this many consecutive steps with a non-finite loss or gradient
 
     def __post_init__(self) -> None:
         defaults = DEMO_DEFAULTS if self.data is None else PAPER_DEFAULTS
@@ -62,11 +73,22 @@ class PretrainConfig:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give either steps or epochs, not both")
-        for name in ("img_size", "batch_size", "accum", "log_every", "save_every"):
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {list(PARALLEL_MODES)}, got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            raise ValueError("parallel='fsdp' takes precision bf16 or fp32 (fp16's loss scaling is not sharded), "
+                             "got fp16")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"clip_grad must be > 0 (or unset for no clipping), got {self.clip_grad}")
+        for name in ("img_size", "batch_size", "accum", "log_every", "save_every", "max_nonfinite"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.loader not in LOADERS:
+            raise ValueError(f"loader must be one of {list(LOADERS)}, got {self.loader!r}")
+        if self.on_bad_file not in BAD_FILE_POLICIES:
+            raise ValueError(f"on_bad_file must be one of {list(BAD_FILE_POLICIES)}, got {self.on_bad_file!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainConfig:

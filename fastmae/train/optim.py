@@ -1,9 +1,14 @@
 """The paper's optimiser and schedule: AdamW (0.9, 0.95), no decay on biases, norms and tokens,
-lr = blr x effective batch / 256, linear warmup then per-iteration cosine decay."""
+lr = blr x effective batch / 256, linear warmup then per-iteration cosine decay.
+
+AdamW is apex's FusedAdam (AdamW mode) on CUDA when apex imports, else torch's fused AdamW on CUDA and
+its ``foreach`` AdamW elsewhere: :func:`choose_optimizer` says which and why."""
 
 from __future__ import annotations
 
+import importlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -26,12 +31,67 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+APEX_FUSED_ADAM = "apex.optimizers.FusedAdam(adam_w_mode=True)"
+TORCH_FUSED_ADAMW = "torch.optim.AdamW(fused=True)"
+TORCH_FOREACH_ADAMW = "torch.optim.AdamW(foreach=True)"
+
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """Which AdamW implementation :func:`build_optimizer` uses, and why."""
+
+    name: str  # APEX_FUSED_ADAM, TORCH_FUSED_ADAMW or TORCH_FOREACH_ADAMW
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+def _apex_fused_adam_why_not() -> str | None:
+    """None when ``apex.optimizers.FusedAdam`` imports with its CUDA extension (``amp_C``), else why not."""
+    try:
+        importlib.import_module("apex.optimizers")
+        importlib.import_module("amp_C")  # FusedAdam's multi-tensor kernels, built with apex's --cuda_ext
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "apex":
+            return "apex is not installed"
+        return f"NVIDIA apex's FusedAdam does not import: {exc}"
+    return None
+
+
+def choose_optimizer(device: torch.device) -> OptimizerChoice:
+    """apex's FusedAdam (AdamW mode) for CUDA parameters when apex imports; else torch's AdamW, fused on CUDA
+    and ``foreach`` elsewhere."""
+    if device.type != "cuda":
+        return OptimizerChoice(TORCH_FOREACH_ADAMW, f"the parameters are on {device.type}, not CUDA")
+    apex_why_not = _apex_fused_adam_why_not()
+    if apex_why_not is None:
+        return OptimizerChoice(APEX_FUSED_ADAM, "apex imports and the parameters are on CUDA")
+    return OptimizerChoice(TORCH_FUSED_ADAMW, f"the parameters are on CUDA; {apex_why_not}")
+
+
+def _apex_adamw_class() -> type[torch.optim.Optimizer]:
+    """apex's FusedAdam with ``torch.optim.Optimizer``'s ``zero_grad(set_to_none=True)`` signature (apex's
+    own takes no argument), so training loops call either optimizer the same way."""
+    from apex.optimizers import FusedAdam
+
+    class ApexFusedAdamW(FusedAdam):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            torch.optim.Optimizer.zero_grad(self, set_to_none=set_to_none)
+
+    return ApexFusedAdamW
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
-                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA and ``foreach`` elsewhere."""
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas,
-                             fused=on_cuda, foreach=not on_cuda)
+                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`, the implementation picked by :func:`choose_optimizer`."""
+    device = next(model.parameters()).device
+    groups = param_groups(model, weight_decay)
+    name = choose_optimizer(device).name
+    if name == APEX_FUSED_ADAM:
+        return _apex_adamw_class()(groups, lr=lr, betas=betas, adam_w_mode=True)
+    fused = name == TORCH_FUSED_ADAMW
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=not fused)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:

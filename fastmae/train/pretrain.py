@@ -1,8 +1,15 @@
-"""MAE pretraining, single process (``fastmae pretrain``).
+"""MAE pretraining in one process or under ``torchrun`` (DDP or FSDP2): ``fastmae pretrain``.
 
-The output folder holds ``config.json`` (the effective configuration), ``metrics.jsonl`` (one
-object per logged step: step, loss, lr, img_per_s), ``checkpoints/`` and ``reconstruction.png``.
-Running again with the same output folder resumes from the newest complete checkpoint.
+The output folder holds ``config.json`` (the effective configuration), ``metrics.jsonl`` (one object per logged
+step: step, loss, lr, img_per_s, skipped_steps, grad_norm), TensorBoard events in ``tensorboard/``,
+``checkpoints/`` and ``reconstruction.png``. Running the same command again resumes from the newest complete
+checkpoint: model, optimiser, loss scaler, step, loader position and every rank's RNG state, and the masks
+are a function of (seed, step) (``fastmae.train.masks``), so an fp32 run with ``deterministic`` resumes
+bit-exactly.
+
+Stops: ``PretrainSummary.status == "preempted"`` after SIGTERM/SIGUSR1 (``fastmae.train.preemption``; the CLI
+exits with 75), ``NonFiniteError`` after too many consecutive non-finite steps (``fastmae.train.nonfinite``;
+the CLI exits with 3).
 """
 
 from __future__ import annotations
@@ -11,20 +18,30 @@ import dataclasses
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+import torch.nn as nn
 
 from fastmae.data.demo import demo_dataset
-from fastmae.data.loader import ImageFiles, eval_transform, list_images, pretrain_loader
-from fastmae.model import PRESETS
+from fastmae.data.eval_transform import ImageFiles, eval_transform
+from fastmae.data.loader import pretrain_loader
+from fastmae.model import PRESETS, MaskedAutoencoderViT
+from fastmae.train.checkpoint import load_latest_checkpoint, prune_checkpoints, save_checkpoint
 from fastmae.train.config import PRECISIONS, PretrainConfig
-from fastmae.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from fastmae.train.distributed import (Ranks, add_activation_checkpointing, barrier, close_ranks, gradient_sync,
+                                       init_ranks, wrap_model)
+from fastmae.train.faults import maybe_pause, maybe_signal, poison_loss
 from fastmae.train.figure import save_reconstruction_figure
-from fastmae.train.optim import build_optimizer, lr_at
+from fastmae.train.masks import mask_noise
+from fastmae.train.nonfinite import NonFiniteError, NonFiniteGuard, optimizer_step
+from fastmae.train.optim import build_optimizer, choose_optimizer, lr_at
+from fastmae.train.preemption import PreemptionWatch
+from fastmae.train.run_log import RunLog
+from fastmae.train.sharded import load_sharded, save_sharded
+from fastmae.train.state import restore_training_state, training_state
+
 
 @dataclass
 class PretrainSummary:
@@ -33,13 +50,8 @@ class PretrainSummary:
     final_loss: float
     img_per_s: float
     output: Path
-
-
-def _total_steps(cfg: PretrainConfig, num_images: int) -> int:
-    images_per_step = cfg.batch_size * cfg.accum
-    if cfg.steps is not None:
-        return cfg.steps
-    return max(1, math.ceil(cfg.epochs * (num_images // images_per_step)))
+    status: str = "complete"  # or "preempted"
+    skipped_steps: int = 0
 
 
 def _write_json_atomic(path: Path, obj: object) -> None:
@@ -48,103 +60,189 @@ def _write_json_atomic(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
+def _total_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global gradient norm, a device scalar (under FSDP the shards' norms are combined across ranks)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> PretrainSummary:
     """Train ``cfg.model`` with the MAE objective; resumes from ``cfg.output`` when it holds a checkpoint."""
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
-    data_root = Path(cfg.data) if cfg.data is not None else demo_dataset()
-    num_images = len(list_images(data_root))
-    if num_images < cfg.batch_size:
-        raise ValueError(f"{num_images} images below {str(data_root)!r} cannot fill one batch of {cfg.batch_size}")
-    total_steps = _total_steps(cfg, num_images)
-    eff_batch = cfg.batch_size * cfg.accum
-    base_lr = cfg.blr * eff_batch / 256
-    warmup_steps = int(cfg.warmup_fraction * total_steps)
-    _write_json_atomic(out / "config.json", {**dataclasses.asdict(cfg), "data": str(data_root),
-                                             "device": str(device), "precision": precision,
-                                             "total_steps": total_steps, "lr": base_lr})
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    ranks = init_ranks(cfg.device)
+    watch = PreemptionWatch(ranks)
+    try:
+        return _pretrain(cfg, ranks, watch, progress)
+    except NonFiniteError:
+        barrier(ranks)  # every rank stops at the same step: leave together, so that none is killed mid-exit
+        raise
+    finally:
+        close_ranks(ranks)
+        watch.close()  # after the last collective: a signal until then still stops the run cleanly
+        torch.use_deterministic_algorithms(deterministic)
 
-    torch.manual_seed(cfg.seed)
+
+def _pretrain(cfg: PretrainConfig, ranks: Ranks, watch: PreemptionWatch, progress: bool) -> PretrainSummary:
+    out = Path(cfg.output)
+    device = ranks.device
+    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+    fsdp = cfg.parallel == "fsdp" and ranks.distributed
+    if fsdp and precision == "fp16":
+        raise ValueError("parallel='fsdp' takes precision bf16 or fp32, got fp16")
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        data_root = Path(cfg.data) if cfg.data is not None else demo_dataset()  # rank 0 writes the demo files
+    barrier(ranks)
+    data_root = Path(cfg.data) if cfg.data is not None else demo_dataset()
+    param_dtype = PRECISIONS[precision]
+    loader = pretrain_loader(data_root, cfg.batch_size, cfg.img_size, device=device,
+                             dtype=param_dtype if fsdp else torch.float32, seed=cfg.seed, rank=ranks.rank,
+                             world_size=ranks.world_size, num_workers=cfg.num_workers, backend=cfg.loader,
+                             on_bad_file=cfg.on_bad_file)
+    if ranks.is_main:
+        print(f"fastmae pretrain: data: {loader.describe()}", flush=True)
+    steps_per_epoch = len(loader) // cfg.accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"{loader.num_images} images cannot fill one step of {cfg.accum} x {cfg.batch_size} images "
+                         f"on each of {ranks.world_size} ranks")
+    total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    images_per_step = cfg.batch_size * cfg.accum * ranks.world_size
+    base_lr = cfg.blr * images_per_step / 256
+    warmup_steps = int(cfg.warmup_fraction * total_steps)
+    if ranks.is_main:
+        _write_json_atomic(out / "config.json", {
+            **dataclasses.asdict(cfg), "data": str(data_root), "device": str(device), "precision": precision,
+            "world_size": ranks.world_size, "effective_batch_size": images_per_step, "total_steps": total_steps,
+            "lr": base_lr})
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = PRESETS[cfg.model](img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss).to(device)
+    num_patches = model.patch_embed.num_patches
+    len_keep = int(num_patches * (1 - cfg.mask_ratio))
+    if cfg.activation_checkpointing:
+        add_activation_checkpointing(model)
+    train_model = wrap_model(model, ranks, cfg.parallel, param_dtype, cfg.compile)
     optimizer = build_optimizer(model, lr=base_lr, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    guard = NonFiniteGuard(ranks, cfg.max_nonfinite)
+    torch.manual_seed(cfg.seed + ranks.rank)  # each rank its own stream from here on
+    if ranks.is_main:
+        print(f"fastmae pretrain: {ranks.world_size} rank(s) ({cfg.parallel if ranks.distributed else 'one process'})"
+              f" on {device.type}, {precision}, optimizer {choose_optimizer(device)}", flush=True)
+
     step = 0
-    resumed = load_latest_checkpoint(out / "checkpoints")
+    checkpoints = out / "checkpoints"
+    resumed = load_latest_checkpoint(checkpoints)
     if resumed is not None:
         path, state = resumed
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        print(f"fastmae pretrain: resuming from {path} (step {step})")
+        if path.is_dir():
+            load_sharded(path, model, optimizer)
+        elif fsdp:
+            raise ValueError(f"{path} is a one-file checkpoint (one process or DDP); resume it with parallel='ddp'")
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        step = restore_training_state(state, scaler, loader, ranks)
+        guard.skipped.fill_(state["skipped_steps"])
+        if ranks.is_main:
+            print(f"fastmae pretrain: resuming from {path} (step {step})", flush=True)
 
-    batches_per_epoch = num_images // cfg.batch_size
-    consumed = step * cfg.accum  # batches an uninterrupted run would have drawn by now
-    batches = pretrain_loader(data_root, cfg.batch_size, cfg.img_size, device=device, seed=cfg.seed,
-                              num_workers=cfg.num_workers, start_epoch=consumed // batches_per_epoch)
-    for _ in range(consumed % batches_per_epoch):  # continue with the same batches
-        next(batches)
+    log = RunLog(out, ranks, step, total_steps, images_per_step, progress)
 
     def save() -> None:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "step": step, "rng_cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint(out / "checkpoints", step, state, keep_last=cfg.keep_last)
+        state = training_state(step, scaler, loader, guard.skipped_total(), ranks)
+        if fsdp:
+            save_sharded(checkpoints, step, model, optimizer, state, ranks)
+            if ranks.is_main:
+                prune_checkpoints(checkpoints, cfg.keep_last)
+        else:
+            if ranks.is_main:
+                save_checkpoint(checkpoints, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                    **state}, keep_last=cfg.keep_last)
+            barrier(ranks)
+        maybe_pause("pause_after_save", step, ranks.rank)
+        log.pause_clock()
 
-    amp = torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+    amp = torch.autocast(device.type, dtype=param_dtype, enabled=precision != "fp32")
+    status = "complete"
     model.train()
-    first_loss = final_loss = float("nan")
-    loss_sum = torch.zeros((), device=device)
-    interval_start, interval_steps = time.perf_counter(), 0
-    run_images, run_seconds = 0, 0.0
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-    with open(out / "metrics.jsonl", "a") as metrics:
+    try:
         while step < total_steps:
             lr = lr_at(step, total_steps, warmup_steps, base_lr, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(cfg.accum):
-                imgs = next(batches)
-                with amp:
-                    loss, _, _ = model(imgs, mask_ratio=cfg.mask_ratio)
-                scaler.scale(loss / cfg.accum).backward()
-                loss_sum += loss.detach() / cfg.accum
-            scaler.step(optimizer)
-            scaler.update()
+            maybe_signal(step + 1, ranks.rank)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg.accum):
+                imgs = next(loader)  # (B, 3, S, S)
+                noise = mask_noise(cfg.seed, step * cfg.accum + micro, imgs.shape[0], num_patches, len_keep,
+                                   ranks.rank, ranks.world_size, device)  # (B, L)
+                with gradient_sync(train_model, micro == cfg.accum - 1):
+                    with amp:
+                        loss, _, _ = train_model(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
+                    loss = poison_loss(loss, step + 1, ranks.rank)
+                    scaler.scale(loss / cfg.accum).backward()
+                step_loss += loss.detach().float() / cfg.accum
+            grad_norm = None
+            if scaler.is_enabled() and cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+            if not scaler.is_enabled() or cfg.clip_grad is not None:
+                grad_norm = _total_norm(params)
+                if cfg.clip_grad is not None:
+                    torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad, grad_norm, foreach=True)
+            # fp16: inf/NaN gradients are the loss scaler's business; only a non-finite loss counts as bad
+            skip = guard.check(step + 1, step_loss, None if scaler.is_enabled() else grad_norm)
+            optimizer_step(optimizer, scaler, skip)
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            interval_steps += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                loss_value = loss_sum.item() / interval_steps  # the only host sync: at log intervals
-                elapsed = time.perf_counter() - interval_start
-                img_per_s = interval_steps * eff_batch / elapsed
-                run_images += interval_steps * eff_batch
-                run_seconds += elapsed
-                if math.isnan(first_loss):
-                    first_loss = loss_value
-                final_loss = loss_value
-                metrics.write(json.dumps({"step": step, "loss": loss_value, "lr": lr, "img_per_s": img_per_s}) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}")
-                loss_sum.zero_()
-                interval_steps = 0
-                interval_start = time.perf_counter()
-            if step % cfg.save_every == 0 or step == total_steps:
+            log.add_step(step_loss, skip)
+            preempted = watch.agreed()
+            if step % cfg.log_every == 0 or step == total_steps or preempted:
+                guard.raise_if_exhausted()
+                extra = {"skipped_steps": guard.skipped_total()}
+                if grad_norm is not None:
+                    extra["grad_norm"] = float(grad_norm)
+                log.write(step, lr, extra)
+            if step % cfg.save_every == 0 or step == total_steps or preempted:
+                guard.raise_if_exhausted()
                 save()
-                interval_start = time.perf_counter()  # checkpoint time is not training time
-    bar.close()
+            if preempted:
+                status = "preempted"
+                if watch.signal_name is not None:
+                    print(f"fastmae pretrain (rank {ranks.rank}): {watch.signal_name} received", flush=True)
+                if ranks.is_main:
+                    print(f"fastmae pretrain: preempted: saved step {step} and stopped; the same command resumes",
+                          flush=True)
+                break
+    finally:
+        log.close()
 
-    files = list_images(data_root)
+    if status == "complete":
+        _save_figure(cfg, model, ranks, fsdp, loader.files, step, out)
+    return PretrainSummary(step, log.first_loss, log.final_loss, log.img_per_s, out, status, guard.skipped_total())
+
+
+def _save_figure(cfg: PretrainConfig, model: MaskedAutoencoderViT, ranks: Ranks, fsdp: bool, files: list[Path],
+                 step: int, out: Path) -> None:
+    """``reconstruction.png`` of six of the (good) training ``files``, drawn by rank 0 (FSDP: from the gathered
+    full weights)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not ranks.is_main:
+            return
+        model = PRESETS[cfg.model](img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss)
+        model.load_state_dict(full)
+        model.to(ranks.device)
+    elif not ranks.is_main:
+        return
     shown = ImageFiles([files[i * len(files) // 6] for i in range(min(6, len(files)))], eval_transform(cfg.img_size))
     sample = torch.stack([shown[i] for i in range(len(shown))])  # (6, 3, S, S)
-    save_reconstruction_figure(model, sample.to(device), out / "reconstruction.png", cfg.mask_ratio,
+    save_reconstruction_figure(model, sample.to(ranks.device), out / "reconstruction.png", cfg.mask_ratio,
                                title=f"{cfg.model}, step {step}, mask {cfg.mask_ratio}")
-    return PretrainSummary(step, first_loss, final_loss, run_images / run_seconds if run_seconds else 0.0, out)
-

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -51,10 +53,14 @@ def test_public_validates() -> None:
 # --- triton backend (interpreter on CPU here; the gpu-marked tests run on CUDA) -------------------------------
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
-# Every S in {17, 50, 65, 197, 257} and every Dh in {32, 64, 80}, batch 1 and 3 (subsampled to keep the file
-# fast under the interpreter); S = 257 pads to a 512-wide key tile and 5 backward blocks, 17 to one small one.
-TRITON_SHAPES = [(3, 17, 2, 80), (1, 50, 2, 64), (3, 50, 1, 64), (3, 65, 2, 80), (1, 65, 1, 32),
-                 (1, 197, 2, 32), (3, 197, 1, 64), (1, 257, 2, 32), (3, 257, 1, 80)]
+# Every (S, Dh) pair of S in {17, 50, 65, 197, 257} x Dh in {32, 64, 80} once, the batch alternating 1 and 3 so
+# that every S and every Dh meets both; H kept at 1-2 (the interpreter costs ~0.3 ms a program). S = 257 pads
+# to a 512-wide key tile, 9 dK/dV and 5 dQ blocks, S = 17 to one small tile; Dh = 80 pads to 128 (masked).
+TRITON_SHAPES = [(1, 17, 2, 32), (3, 17, 2, 64), (1, 17, 2, 80),
+                 (3, 50, 2, 32), (1, 50, 2, 64), (3, 50, 1, 80),
+                 (1, 65, 2, 32), (3, 65, 1, 64), (3, 65, 2, 80),
+                 (1, 197, 2, 32), (3, 197, 1, 64), (1, 197, 1, 80),
+                 (1, 257, 2, 32), (1, 257, 1, 64), (3, 257, 1, 80)]
 
 
 def _qkv(n: int, s: int, h: int, dh: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -84,6 +90,15 @@ def test_triton_matches_reference_fp32(n: int, s: int, h: int, dh: int) -> None:
     assert out.dtype == want_out.dtype and out.shape == (n, s, h * dh)
     assert_rel_close(out, want_out, 1e-5, "forward")
     assert_rel_close(grad, want_grad, 1e-5, "d qkv")
+
+
+def test_triton_is_picked_by_priority_only_where_it_measured_faster() -> None:
+    from fastmae.ops.attention import _triton_measured_faster
+
+    picks = {(s, dh): _triton_measured_faster(torch.empty(1, s, 3 * 2 * dh, device="meta"), 2)
+             for s, dh in [(50, 64), (17, 32), (65, 80), (197, 32), (257, 32), (65, 64)]}
+    assert picks == {(50, 64): True, (17, 32): True, (65, 80): False, (197, 32): False, (257, 32): False,
+                     (65, 64): False}
 
 
 def test_triton_reads_a_strided_qkv() -> None:
@@ -161,22 +176,44 @@ GPU_SHAPES = [(64, 50, 12, 64), (32, 50, 16, 64), (32, 65, 16, 80), (16, 197, 16
               (8, 17, 2, 80)]
 
 
+def _assert_low_precision_rule(backend: str, qkv32: torch.Tensor, low: torch.Tensor, h: int,
+                               upstream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``backend`` on ``low`` (``qkv32`` rounded to bf16/fp16) against the fp32 reference on ``qkv32``: error at
+    most 2x the reference's own error in the same low precision + a 1e-4 floor, forward and d qkv."""
+    want = _run("reference", qkv32, h, upstream)
+    torch_low = _run("reference", low, h, upstream)
+    got = _run(backend, low, h, upstream)
+    for g, t, w, name in zip(got, torch_low, want, ("forward", "d qkv")):
+        assert g.dtype == t.dtype == low.dtype, name
+        assert_rel_close(g, w, 2 * rel_err(t, w) + 1e-4, f"{backend} {name}")
+    return got
+
+
+def _skip_without_xformers() -> None:
+    """Skip where xformers is absent or has no CUDA kernel; an installed xformers that fails to import is a
+    failure, not a skip."""
+    from fastmae.ops.attention import NO_XFORMERS_KERNEL
+
+    reason = ops.OPS["attention"].backend("xformers").available()
+    if reason in ("xformers is not installed", NO_XFORMERS_KERNEL):
+        pytest.skip(reason)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "xformers"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("n,s,h,dh", GPU_SHAPES, ids=lambda v: str(v))
-def test_triton_gpu_low_precision(dtype: torch.dtype, n: int, s: int, h: int, dh: int) -> None:
-    """Error vs the fp32 reference at most 2x the reference's own error in the same low precision + a floor."""
+def test_gpu_low_precision_vs_fp32_reference(backend: str, dtype: torch.dtype, n: int, s: int, h: int,
+                                             dh: int) -> None:
+    if backend == "xformers":
+        _skip_without_xformers()
     qkv32 = _qkv(n, s, h, dh, device="cuda", seed=s)
     low = qkv32.detach().to(dtype).requires_grad_()
     upstream = _upstream(n, s, h, dh, device="cuda")
-    want = _run("reference", qkv32, h, upstream)
-    torch_low = _run("reference", low, h, upstream)
-    got = _run("triton", low, h, upstream)
-    for g, t, w, name in zip(got, torch_low, want, ("forward", "d qkv")):
-        assert g.dtype == t.dtype == dtype, name
-        assert_rel_close(g, w, 2 * rel_err(t, w) + 1e-4, name)
-    again = _run("triton", low, h, upstream)
-    assert all(torch.equal(a, b) for a, b in zip(got, again))  # no atomics: bit-identical run to run
+    got = _assert_low_precision_rule(backend, qkv32, low, h, upstream)
+    if backend == "triton":
+        again = _run("triton", low, h, upstream)
+        assert all(torch.equal(a, b) for a, b in zip(got, again))  # no atomics: bit-identical run to run
 
 
 @pytest.mark.gpu
@@ -199,3 +236,51 @@ def test_triton_gpu_opcheck(dtype: torch.dtype) -> None:
     out, lse = attention_op(qkv.detach(), 4)
     grad = torch.randn(4, 65, 320, device="cuda", dtype=dtype)
     torch.library.opcheck(attention_backward_op, (grad, qkv.detach(), out, lse, 4))
+
+
+# --- xformers backend (CUDA only; absent xformers is a skip with its reason) ---------------------------------
+
+
+def test_xformers_refuses_cpu_and_says_when_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    xformers_backend = ops.OPS["attention"].backend("xformers")
+    cpu_qkv = torch.randn(1, 4, 3 * 2 * 32)
+    assert "CUDA tensors only, got cpu" in xformers_backend.supports(cpu_qkv, 2)
+    with pytest.raises(ops.BackendUnavailableError, match="xformers"):
+        ops.attention(cpu_qkv, 2, backend="xformers")
+    monkeypatch.setitem(sys.modules, "xformers", None)  # makes `import xformers.ops` fail as when absent
+    monkeypatch.setitem(sys.modules, "xformers.ops", None)
+    assert xformers_backend.available() == "xformers is not installed"
+
+
+@pytest.mark.gpu
+def test_xformers_supports_refuses_on_gpu() -> None:
+    xformers_backend = ops.OPS["attention"].backend("xformers")
+    assert xformers_backend.supports(torch.empty(2, 5, 3 * 2 * 64, device="cuda", dtype=torch.bfloat16), 2) is None
+    assert "divisible by 8, got 20" in xformers_backend.supports(torch.empty(1, 5, 3 * 2 * 20, device="cuda"), 2)
+    assert "float64" in xformers_backend.supports(torch.empty(1, 5, 3 * 64, device="cuda", dtype=torch.float64), 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad,in_place", [(8, True), (4, False)], ids=["aligned-rows", "misaligned-rows"])
+def test_xformers_gpu_strided_qkv(monkeypatch: pytest.MonkeyPatch, pad: int, in_place: bool) -> None:
+    """qkv as a row-padded view (stride(1) = 3*H*Dh + pad): read in place when the row stride keeps 16-byte
+    alignment, copied once when it does not; numerics by the low-precision rule either way."""
+    _skip_without_xformers()
+    import xformers.ops as xops
+
+    n, s, h, dh = 3, 50, 2, 64
+    base = torch.cat([_qkv(n, s, h, dh, device="cuda", seed=5).detach(), torch.zeros(n, s, pad, device="cuda")],
+                     dim=-1)  # (N, S, 3*H*Dh + pad)
+    qkv32 = base[..., :3 * h * dh].requires_grad_()  # (N, S, 3*H*Dh) views
+    low = base.to(torch.bfloat16)[..., :3 * h * dh].requires_grad_()
+    assert low.stride(1) == 3 * h * dh + pad
+    seen_query_ptrs = []
+    original = xops.memory_efficient_attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        seen_query_ptrs.append(q.data_ptr())
+        return original(q, k, v)
+
+    monkeypatch.setattr(xops, "memory_efficient_attention", spy)
+    _assert_low_precision_rule("xformers", qkv32, low, h, _upstream(n, s, h, dh, device="cuda"))
+    assert seen_query_ptrs and (seen_query_ptrs[0] == low.data_ptr()) == in_place

@@ -1,0 +1,317 @@
+"""``fastmae bench``'s run: pretraining-step throughput of fastmae and the baselines, one CSV row each.
+
+For each model, input mode and implementation (in the order given): build the step, run
+``warmup`` steps, time ``steps`` steps, and upsert the row into ``<results-dir>/<gpu>.csv`` at
+once, so a run cut short keeps every row it finished. A row that runs out of GPU memory is retried
+once at half the batch, then recorded as ``oom``; any other failure is recorded as ``error: ...``
+and the next row runs; an implementation that cannot run here (a baseline's missing dependency,
+a CUDA graph on a CPU) is reported as skipped and not written. ``--max-seconds`` stops starting
+new rows once spent. Memory is freed between rows.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import fastmae
+from fastmae.benchmark.inputs import INPUT_MODES, BatchSource
+from fastmae.benchmark.peak import measure_matmul_tflops, mfu, spec_tflops
+from fastmae.benchmark.registry import (
+    BASELINE_IMPLS,
+    DEFAULT_IMPLS,
+    Builders,
+    check_impl_names,
+    default_baselines_dir,
+    load_builders,
+)
+from fastmae.benchmark.results import gpu_slug, upsert_rows
+from fastmae.benchmark.timing import Timing, time_train_step
+from fastmae.benchmark.train_step import FASTMAE_IMPLS, MASK_RATIO, StepUnavailable, TrainStep, check_model_name
+from fastmae.flops import mae_flops
+from fastmae.model import PRESETS
+
+DEFAULT_MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
+DEFAULT_BATCH = 256
+MAX_ERROR_CHARS = 300
+
+
+@dataclass
+class BenchConfig:
+    """What ``fastmae bench`` measures; ``batch_sizes`` holds one size for every model or one per model."""
+
+    models: tuple[str, ...] = DEFAULT_MODELS
+    impls: tuple[str, ...] = DEFAULT_IMPLS
+    batch_sizes: tuple[int, ...] = (DEFAULT_BATCH,)
+    img_size: int = 224
+    steps: int = 20
+    warmup: int = 5
+    inputs: tuple[str, ...] = ("synthetic",)
+    results_dir: Path = Path("bench/results")
+    device: str | None = None  # default: cuda when available
+    max_seconds: float | None = None
+    baselines_dir: Path | None = field(default_factory=default_baselines_dir)
+    data_dir: Path | None = None  # JPEG folder for the loader input; default: the generated demo set
+    loader_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        self.models, self.impls, self.inputs = tuple(self.models), tuple(self.impls), tuple(self.inputs)
+        self.batch_sizes = tuple(self.batch_sizes)
+        if not self.models or not self.impls or not self.inputs:
+            raise ValueError("models, impls and inputs must each name at least one item")
+        for name in self.models:
+            check_model_name(name)
+        check_impl_names(self.impls)
+        bad_inputs = [m for m in self.inputs if m not in INPUT_MODES]
+        if bad_inputs:
+            raise ValueError(f"unknown input mode(s) {bad_inputs}; expected names from {list(INPUT_MODES)}")
+        if len(self.batch_sizes) not in (1, len(self.models)) or not all(
+                isinstance(b, int) and b >= 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be one positive int, or one per model ({len(self.models)}), "
+                             f"got {self.batch_sizes}")
+        for name in ("img_size", "steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
+        self.results_dir = Path(self.results_dir)
+
+    def batch_for(self, model: str) -> int:
+        return self.batch_sizes[0] if len(self.batch_sizes) == 1 else self.batch_sizes[self.models.index(model)]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every row of one run shares."""
+
+    device: torch.device
+    gpu: str
+    csv_path: Path
+    matmul_tflops: float | None  # measured dense bf16 rate; None on a CPU
+    spec_tflops: float | None  # datasheet rate; None on a CPU or an unknown card
+    versions: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try at one row."""
+
+    status: str  # "ok" | "oom" | "error: ..." | "skipped: ..."
+    meta: dict[str, object] | None = None  # dtype, compile, cuda_graph of the built step
+    timing: Timing | None = None
+    setup_s: float | None = None
+
+
+def _git_revision() -> str:
+    root = Path(fastmae.__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return "unknown"
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
+def _versions() -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda or "none",
+            "git_rev": _git_revision()}
+
+
+def _context(cfg: BenchConfig, log: Callable[[str], None]) -> RunContext:
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        gpu = torch.cuda.get_device_name(device)
+        measured = measure_matmul_tflops(device)
+        spec = spec_tflops(gpu)
+        log(f"{gpu}: dense bf16 matmul (8192^3) {measured:.1f} TFLOP/s measured, "
+            f"spec {'unknown' if spec is None else f'{spec:.1f}'} TFLOP/s")
+    elif device.type == "cpu":
+        gpu, measured, spec = "cpu", None, None
+    else:
+        raise ValueError(f"device must be cuda or cpu, got {device}")
+    return RunContext(device, gpu, cfg.results_dir / f"{gpu_slug(gpu)}.csv", measured, spec, _versions())
+
+
+def _expected_meta(impl: str, device: torch.device) -> dict[str, object] | None:
+    """dtype/compile/cuda_graph of a fastmae variant without building it (the baselines are known once built)."""
+    if impl not in FASTMAE_IMPLS:
+        return None
+    variant = FASTMAE_IMPLS[impl]
+    return {"dtype": "bf16" if device.type == "cuda" else "fp32", "compile": variant.compile,
+            "cuda_graph": variant.cuda_graph}
+
+
+def _step_meta(step: TrainStep) -> dict[str, object]:
+    return {"dtype": step.dtype, "compile": step.compile, "cuda_graph": step.cuda_graph}
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """Out of GPU memory, also when wrapped (torch.compile re-raises errors from inside its backend)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    text = " | ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}"[:MAX_ERROR_CHARS]
+
+
+def _check_step(step: object, impl: str, model: str, batch: int) -> TrainStep:
+    if not isinstance(step, TrainStep):
+        raise TypeError(f"the {impl} builder must return a TrainStep, got {type(step).__name__}")
+    if (step.model_name, step.batch_size) != (model, batch):
+        raise ValueError(f"the {impl} builder was asked for {model} at batch {batch}, "
+                         f"built {step.model_name} at batch {step.batch_size}")
+    return step
+
+
+def _attempt(builders: Builders, impl: str, model: str, batch: int, mode: str, cfg: BenchConfig,
+             ctx: RunContext) -> Attempt:
+    """Build and time one row; every exception becomes a status (so no tensor outlives the call)."""
+    step = source = None
+    start = time.perf_counter()
+    try:
+        try:
+            step = _check_step(builders.builders[impl](model, batch, cfg.img_size, ctx.device), impl, model, batch)
+        except Exception as exc:
+            baseline_cannot_run = impl in BASELINE_IMPLS and isinstance(exc, RuntimeError) and not _is_oom(exc)
+            if isinstance(exc, StepUnavailable) or baseline_cannot_run:
+                return Attempt(f"skipped: {_describe(exc)}")
+            raise
+        build_s = time.perf_counter() - start
+        source = BatchSource(mode, batch, cfg.img_size, ctx.device, cfg.warmup + cfg.steps, cfg.data_dir,
+                             cfg.loader_workers)
+        timing = time_train_step(step, source, cfg.steps, cfg.warmup, ctx.device)
+        return Attempt("ok", _step_meta(step), timing, build_s + timing.warmup_seconds)
+    except Exception as exc:
+        status = "oom" if _is_oom(exc) else f"error: {_describe(exc)}"
+        return Attempt(status, _step_meta(step) if step is not None else None)
+    finally:
+        if source is not None:
+            source.close()
+
+
+def _free_memory(device: torch.device) -> None:
+    """Drop what the last row left: compiled graphs, cycles, cached CUDA blocks; reset the peak."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        except RuntimeError:  # a broken CUDA context: the next row records the error as its status
+            pass
+
+
+def _measure(builders: Builders, impl: str, model: str, mode: str, cfg: BenchConfig, ctx: RunContext,
+             log: Callable[[str], None]) -> tuple[Attempt, int]:
+    """(the attempt, the batch it used): the configured batch, or half of it after running out of memory."""
+    batch = cfg.batch_for(model)
+    while True:
+        _free_memory(ctx.device)
+        torch.manual_seed(0)
+        attempt = _attempt(builders, impl, model, batch, mode, cfg, ctx)
+        _free_memory(ctx.device)
+        if attempt.status != "oom" or batch != cfg.batch_for(model) or batch < 2:
+            return attempt, batch
+        log(f"    out of memory at batch {batch}; retrying at batch {batch // 2}")
+        batch //= 2
+
+
+def _row(ctx: RunContext, cfg: BenchConfig, impl: str, model: str, mode: str, batch_used: int,
+         attempt: Attempt, train_flops: int) -> dict[str, object]:
+    meta = attempt.meta or _expected_meta(impl, ctx.device) or {"dtype": "", "compile": "", "cuda_graph": ""}
+    row: dict[str, object] = {
+        "gpu": ctx.gpu, "impl": impl, "model": model, "batch": cfg.batch_for(model), "batch_used": batch_used,
+        "img_size": cfg.img_size, "mask_ratio": MASK_RATIO, "dtype": meta["dtype"],
+        "compile": str(meta["compile"]).lower(), "cuda_graph": str(meta["cuda_graph"]).lower(), "input": mode,
+        "steps": cfg.steps, "gflops_per_img": f"{train_flops / 1e9:.2f}",
+        "matmul_tflops_measured": None if ctx.matmul_tflops is None else f"{ctx.matmul_tflops:.1f}",
+        "spec_tflops": ctx.spec_tflops, **ctx.versions,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": attempt.status,
+    }
+    timing = attempt.timing
+    if timing is not None:
+        measured, spec = mfu(train_flops, timing.img_per_s, ctx.matmul_tflops), mfu(train_flops, timing.img_per_s,
+                                                                                    ctx.spec_tflops)
+        row.update({
+            "img_per_s": f"{timing.img_per_s:.1f}", "ms_per_step": f"{timing.ms_per_step:.2f}",
+            "loss": f"{timing.loss:.5f}", "setup_s": f"{attempt.setup_s:.1f}",
+            "mfu_measured": None if measured is None else f"{measured:.4g}",
+            "mfu_spec": None if spec is None else f"{spec:.4g}",
+            "peak_mem_gib": None if timing.peak_mem_bytes is None else f"{timing.peak_mem_bytes / 2**30:.3f}",
+        })
+    return row
+
+
+def _summary(row: dict[str, object]) -> str:
+    if row.get("img_per_s") is None:
+        return str(row["status"])
+    mfu_text = "" if row.get("mfu_measured") is None else f", MFU {100 * float(row['mfu_measured']):.1f}%"
+    mem_text = "" if row.get("peak_mem_gib") is None else f", {row['peak_mem_gib']} GiB"
+    return (f"{row['img_per_s']} img/s at batch {row['batch_used']}, {row['ms_per_step']} ms/step{mfu_text}{mem_text}, "
+            f"setup {row['setup_s']} s, loss {row['loss']}: {row['status']}")
+
+
+def _train_flops(model: str, img_size: int) -> int:
+    with torch.device("meta"):
+        return mae_flops(PRESETS[model](img_size=img_size), MASK_RATIO).train_step
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> tuple[list[dict[str, object]], Path]:
+    """Measure every (model, input, impl) of ``cfg``; returns (all rows, skipped included; the CSV path).
+
+    Rows with a known configuration are upserted into the CSV as soon as they are measured; skipped
+    ones (not runnable here, or past ``max_seconds``) are only returned.
+    """
+    started = time.monotonic()
+    ctx = _context(cfg, log)
+    builders = load_builders(cfg.impls, cfg.baselines_dir)
+    rows: list[dict[str, object]] = []
+    for model in cfg.models:
+        train_flops = _train_flops(model, cfg.img_size)
+        for mode in cfg.inputs:
+            for impl in cfg.impls:
+                elapsed, batch = time.monotonic() - started, cfg.batch_for(model)
+                if impl in builders.unavailable:
+                    attempt = Attempt(f"skipped: {builders.unavailable[impl]}")
+                elif cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
+                    attempt = Attempt(f"skipped: time budget of {cfg.max_seconds:g} s spent")
+                else:
+                    log(f"[{elapsed:6.1f} s] {model} {impl} {mode} batch {batch} ...")
+                    attempt, batch = _measure(builders, impl, model, mode, cfg, ctx, log)
+                row = _row(ctx, cfg, impl, model, mode, batch, attempt, train_flops)
+                rows.append(row)
+                if not attempt.status.startswith("skipped") and row["dtype"] != "":
+                    upsert_rows(ctx.csv_path, [row])
+                log(f"    {impl}: {_summary(row)}")
+    return rows, ctx.csv_path

@@ -1,0 +1,156 @@
+"""One implementation's complete pretraining step (``TrainStep``) and fastmae's step builders.
+
+Every implementation in the benchmark is wrapped in a ``TrainStep``: a model and a ``run(imgs)``
+that does one full optimiser step. The baselines in ``bench/baselines`` build the same object, so
+the harness times every row the same way.
+
+fastmae's variants (``FASTMAE_IMPLS``): the default backends (dispatch chooses) eagerly, under
+``torch.compile``, with the whole step captured in a CUDA graph (MAE's fixed mask count makes
+every shape static; the masking noise is drawn inside the graph), both, and the readable
+``reference`` backends. On CUDA the step runs under bf16 autocast with fused AdamW; on CPU in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fastmae import ops
+from fastmae.model import PRESETS
+from fastmae.train.optim import build_optimizer, param_groups
+
+MASK_RATIO = 0.75
+BASE_LR = 1.5e-4  # lr = BASE_LR * batch / 256, as the paper
+WEIGHT_DECAY = 0.05
+BETAS = (0.9, 0.95)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy state, autotuning, compilation)
+
+
+class StepUnavailable(RuntimeError):
+    """This implementation cannot run here (e.g. a CUDA graph on a CPU device); the row is skipped."""
+
+
+@dataclass
+class TrainStep:
+    """One implementation's complete pretraining step, ready to time."""
+
+    impl: str  # row label: "fastmae", "fastmae-reference", "official", "modern", "hf", ...
+    model_name: str  # fastmae preset name, e.g. "mae_vit_large_patch16"
+    batch_size: int
+    dtype: str  # "bf16" | "fp16" | "fp32" (autocast dtype; fp32 = no autocast)
+    compile: bool  # torch.compile used
+    cuda_graph: bool  # whole step captured in a CUDA graph
+    model: torch.nn.Module
+    # run(imgs): imgs (N, 3, H, W) on the model's device -> the loss tensor. One complete step:
+    # forward (mask_ratio 0.75, norm_pix_loss on), backward, AdamW step (lr = 1.5e-4 * N / 256,
+    # betas (0.9, 0.95), weight decay 0.05), grads zeroed (set_to_none). No host sync unless the
+    # implementation's own recipe syncs.
+    run: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FastmaeVariant:
+    compile: bool = False
+    cuda_graph: bool = False
+    backend: str | None = None  # a blanket fastmae.ops.use_backend name; None: dispatch chooses
+
+
+FASTMAE_IMPLS: dict[str, FastmaeVariant] = {
+    "fastmae": FastmaeVariant(),
+    "fastmae-compile": FastmaeVariant(compile=True),
+    "fastmae-cudagraph": FastmaeVariant(cuda_graph=True),
+    "fastmae-compile-cudagraph": FastmaeVariant(compile=True, cuda_graph=True),
+    "fastmae-reference": FastmaeVariant(backend="reference"),
+}
+
+
+def check_model_name(model_name: str) -> None:
+    if model_name not in PRESETS:
+        raise ValueError(f"unknown model {model_name!r}; expected one of {sorted(PRESETS)}")
+
+
+def build_fastmae_step(impl: str, model_name: str, batch_size: int, img_size: int,
+                       device: torch.device) -> TrainStep:
+    """The ``impl`` variant of fastmae's step (a key of ``FASTMAE_IMPLS``) for ``model_name``.
+
+    Raises ``StepUnavailable`` when the variant cannot run on ``device`` (CUDA graphs need CUDA).
+    """
+    if impl not in FASTMAE_IMPLS:
+        raise ValueError(f"unknown fastmae impl {impl!r}; expected one of {sorted(FASTMAE_IMPLS)}")
+    check_model_name(model_name)
+    variant = FASTMAE_IMPLS[impl]
+    if variant.cuda_graph and device.type != "cuda":
+        raise StepUnavailable(f"{impl}: CUDA graphs need a CUDA device, got {device}")
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    with torch.device(device):  # initialise on the device: fast for ViT-H
+        model = PRESETS[model_name](img_size=img_size, norm_pix_loss=True)
+    model.train()
+    lr = BASE_LR * batch_size / 256
+    if variant.cuda_graph:  # the optimiser's state and step counters must live on the device
+        optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=lr, betas=BETAS, fused=True,
+                                      capturable=True)
+    else:
+        optimizer = build_optimizer(model, lr=lr, weight_decay=WEIGHT_DECAY, betas=BETAS)
+    forward = torch.compile(model) if variant.compile else model
+
+    def step(imgs: torch.Tensor) -> torch.Tensor:
+        # autocast's weight-cast cache must be off while capturing a CUDA graph
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16",
+                            cache_enabled=not variant.cuda_graph):
+            loss, _, _ = forward(imgs, mask_ratio=MASK_RATIO)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def eager_step(imgs: torch.Tensor) -> torch.Tensor:
+        loss = step(imgs)
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    run = capture_cuda_graph(step, optimizer, batch_size, img_size, device) if variant.cuda_graph else eager_step
+    if variant.backend is not None:
+        run = _with_backend(run, variant.backend)
+    return TrainStep(impl=impl, model_name=model_name, batch_size=batch_size, dtype=dtype,
+                     compile=variant.compile, cuda_graph=variant.cuda_graph, model=model, run=run)
+
+
+def _with_backend(run: Callable[[torch.Tensor], torch.Tensor], backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run_with_backend(imgs: torch.Tensor) -> torch.Tensor:
+        with ops.use_backend(backend):
+            return run(imgs)
+
+    return run_with_backend
+
+
+def capture_cuda_graph(step: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+                       batch_size: int, img_size: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Capture ``step`` (forward, backward, optimiser step) once; return a ``run`` that replays it.
+
+    As in the torch CUDA-graph docs: a few eager steps on a side stream first, grads set to None
+    so the captured backward allocates them from the graph's pool; each replay overwrites them (the
+    same as zeroing before the step). ``run(imgs)`` copies ``imgs (N, 3, H, W)`` into the static
+    input and returns the static loss, which the next replay overwrites.
+    """
+    static_imgs = torch.randn(batch_size, 3, img_size, img_size, device=device)  # (N, 3, H, W)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP_STEPS):
+            optimizer.zero_grad(set_to_none=True)
+            step(static_imgs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        static_loss = step(static_imgs)
+
+    def replay(imgs: torch.Tensor) -> torch.Tensor:
+        if imgs.data_ptr() != static_imgs.data_ptr():
+            static_imgs.copy_(imgs)
+        graph.replay()
+        return static_loss
+
+    return replay  # its closure keeps the graph, its memory pool and the static tensors alive

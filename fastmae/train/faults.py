@@ -1,0 +1,67 @@
+"""Faults injected on purpose, for the tests of resume, preemption and non-finite handling.
+
+``FASTMAE_FAULT`` holds comma-separated ``KIND@STEP`` or ``KIND@STEP:RANK`` items (steps count optimiser
+steps from 1, as ``metrics.jsonl`` and checkpoint names do; no rank means every rank):
+
+- ``nan@S:R``: from step ``S`` on, rank ``R``'s loss is NaN;
+- ``signal@S:R``: rank ``R`` sends itself SIGUSR1 during step ``S`` (a preemption notice);
+- ``pause_in_save@S``: the save of step ``S`` stops after writing its data and before committing it;
+- ``pause_after_save@S``: the run stops after committing checkpoint ``S``.
+
+A pause prints ``fastmae-fault: paused <kind> <step>`` to stderr and sleeps until the process is killed.
+Unset, nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+KINDS = ("nan", "signal", "pause_in_save", "pause_after_save")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    rank: int | None
+
+
+@cache
+def faults() -> tuple[Fault, ...]:
+    items = []
+    for text in filter(None, os.environ.get("FASTMAE_FAULT", "").split(",")):
+        kind, _, where = text.partition("@")
+        step, _, rank = where.partition(":")
+        if kind not in KINDS or not step.isdigit() or (rank and not rank.isdigit()):
+            raise ValueError(f"FASTMAE_FAULT items are KIND@STEP[:RANK] with KIND in {KINDS}, got {text!r}")
+        items.append(Fault(kind, int(step), int(rank) if rank else None))
+    return tuple(items)
+
+
+def _active(kind: str, step: int, rank: int, from_step_on: bool = False) -> bool:
+    return any(f.kind == kind and (f.step <= step if from_step_on else f.step == step) and f.rank in (None, rank)
+               for f in faults())
+
+
+def poison_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """``loss``, or NaN from the step a ``nan`` fault names on."""
+    return loss * float("nan") if _active("nan", step, rank, from_step_on=True) else loss
+
+
+def maybe_signal(step: int, rank: int) -> None:
+    if _active("signal", step, rank):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def maybe_pause(kind: str, step: int, rank: int) -> None:
+    if _active(kind, step, rank):
+        print(f"fastmae-fault: paused {kind} {step}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(60)

@@ -1,0 +1,78 @@
+"""Non-finite loss or gradients: the step is skipped on every rank, counted, and after ``max_nonfinite``
+consecutive skipped steps the run stops with ``NonFiniteError`` (exit code ``EXIT_NONFINITE``) without saving,
+so its last checkpoint is the last good one.
+
+Each step, every rank writes whether its loss and its gradients are finite into its column of a
+``(2, world_size)`` device tensor, and one all-reduce gives every rank every rank's flags: the ranks take the
+same decision and none waits for another. The optimiser skips on the device when it can (torch's fused AdamW
+takes a ``found_inf`` tensor, as ``GradScaler`` uses); the counters stay on the device and are read at log
+intervals and before saves, so no step syncs the host for this.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fastmae.train.distributed import Ranks
+
+EXIT_NONFINITE = 3
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradients."""
+
+
+class NonFiniteGuard:
+    def __init__(self, ranks: Ranks, max_consecutive: int) -> None:
+        self.ranks = ranks
+        self.max_consecutive = max_consecutive
+        device = ranks.device
+        self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_bad_step = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_bad_flags = torch.zeros(2, ranks.world_size, device=device)  # rows: loss, gradients
+
+    def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+        """Whether step ``step`` must be skipped: a bool scalar on the device, equal on every rank."""
+        flags = torch.zeros(2, self.ranks.world_size, device=self.ranks.device)  # (2, W)
+        flags[0, self.ranks.rank] = (~torch.isfinite(loss)).float()
+        if grad_norm is not None:
+            flags[1, self.ranks.rank] = (~torch.isfinite(grad_norm)).float()
+        if self.ranks.distributed:
+            dist.all_reduce(flags)
+        bad = flags.sum() > 0
+        self.consecutive = (self.consecutive + 1) * bad
+        self.skipped += bad
+        self.last_bad_step = torch.where(bad, step, self.last_bad_step)
+        self.last_bad_flags = torch.where(bad, flags, self.last_bad_flags)
+        return bad
+
+    def raise_if_exhausted(self) -> None:
+        """Raise ``NonFiniteError`` after ``max_consecutive`` skipped steps in a row (syncs the host)."""
+        consecutive = int(self.consecutive.item())
+        if consecutive < self.max_consecutive:
+            return
+        flags = self.last_bad_flags.cpu()
+        where = [f"non-finite {what} on rank{'s' if int(row.gt(0).sum()) > 1 else ''} "
+                 + ", ".join(str(r) for r in row.nonzero().flatten().tolist())
+                 for what, row in zip(("loss", "gradients"), flags) if row.any()]
+        raise NonFiniteError(f"step {int(self.last_bad_step.item())}: {'; '.join(where)}; {consecutive} consecutive "
+                             f"steps skipped (max_nonfinite {self.max_consecutive}); stopping without saving, the "
+                             "last checkpoint is the last good state")
+
+    def skipped_total(self) -> int:
+        return int(self.skipped.item())
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip: torch.Tensor) -> None:
+    """Step unless ``skip``; with fp16 the ``GradScaler`` decides (it skips steps with inf/NaN gradients)."""
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    elif optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.float()  # fused AdamW skips the update on the device
+        optimizer.step()
+        del optimizer.found_inf
+    elif not skip.item():
+        optimizer.step()

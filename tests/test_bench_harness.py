@@ -1,0 +1,245 @@
+"""``fastmae bench`` end to end on CPU with the tiny preset, the CSV upsert and compare, the MFU arithmetic."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmae.benchmark.peak import mfu, spec_tflops
+from fastmae.benchmark.registry import default_baselines_dir, load_builders
+from fastmae.benchmark.results import COLUMNS, CPU_ONLY_EMPTY, read_rows, upsert_rows
+from fastmae.benchmark.run import Attempt, BenchConfig, RunContext, _row, _train_flops, run_bench
+from fastmae.benchmark.timing import Timing
+from fastmae.cli import main
+from fastmae.flops import mae_flops
+from fastmae.model import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "mae_vit_tiny_patch16"
+
+# Stand-in baselines: official runs out of memory above batch 2, modern always, hf fails otherwise.
+FAKE_STEPS = '''
+import torch
+from fastmae.benchmark.train_step import build_fastmae_step
+
+
+def _with_run(impl, step, run):
+    step.impl, step.run = impl, run
+    return step
+
+
+def _oom(imgs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
+
+
+def build_official_step(model_name, batch_size, img_size, device):
+    step = build_fastmae_step("fastmae", model_name, batch_size, img_size, device)
+    return _with_run("official", step, _oom if batch_size > 2 else step.run)
+
+
+def build_modern_step(model_name, batch_size, img_size, device):
+    return _with_run("modern", build_fastmae_step("fastmae", model_name, batch_size, img_size, device), _oom)
+
+
+def build_hf_step(model_name, batch_size, img_size, device):
+    def fail(imgs):
+        raise ValueError("simulated failure\\nsecond line")
+    return _with_run("hf", build_fastmae_step("fastmae", model_name, batch_size, img_size, device), fail)
+'''
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny steps on a shared 2-core machine: more threads only oversubscribe; sys.path restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield
+    torch.set_num_threads(threads)
+
+
+def fake_baselines(tmp_path: Path, package: str) -> Path:
+    folder = tmp_path / package / "baselines"  # a package name of its own per test (modules are cached)
+    folder.mkdir(parents=True)
+    (folder / "steps.py").write_text(FAKE_STEPS)
+    return folder
+
+
+def test_cli_end_to_end_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    baselines = fake_baselines(tmp_path, "fakebench_e2e")
+    code = main(["bench", "--models", TINY, "--impls", "fastmae,hf,modern,official,fastmae-reference,fastmae-cudagraph",
+                 "--batch-size", "4", "--img-size", "64", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                 "--results-dir", str(tmp_path / "results"), "--baselines", str(baselines)])
+    out = capsys.readouterr().out
+    assert code == 1, out  # the hf row failed
+    rows = {r["impl"]: r for r in read_rows(tmp_path / "results" / "cpu.csv")}
+    assert set(rows) == {"fastmae", "hf", "modern", "official", "fastmae-reference"}  # skipped rows are not written
+    with open(tmp_path / "results" / "cpu.csv", newline="") as f:
+        assert tuple(next(csv.reader(f))) == COLUMNS
+    row = rows["fastmae"]
+    assert row["status"] == "ok"
+    for column in COLUMNS:
+        if column in CPU_ONLY_EMPTY:
+            assert row[column] == "", column
+        else:
+            assert row[column] != "", column
+    assert (row["gpu"], row["model"], row["batch"], row["batch_used"], row["img_size"], row["dtype"]) == \
+           ("cpu", TINY, "4", "4", "64", "fp32")
+    assert (row["compile"], row["cuda_graph"], row["input"], row["steps"]) == ("false", "false", "synthetic", "2")
+    assert float(row["img_per_s"]) == pytest.approx(4e3 / float(row["ms_per_step"]), rel=0.01)
+    assert row["torch"] == torch.__version__
+    assert float(row["gflops_per_img"]) == pytest.approx(_train_flops(TINY, 64) / 1e9, abs=0.005)
+    assert rows["fastmae-reference"]["status"] == "ok"  # ran after the hf row failed
+    assert (rows["official"]["status"], rows["official"]["batch"], rows["official"]["batch_used"]) == ("ok", "4", "2")
+    assert (rows["modern"]["status"], rows["modern"]["batch_used"], rows["modern"]["img_per_s"]) == ("oom", "2", "")
+    assert rows["hf"]["status"] == "error: ValueError: simulated failure | second line"
+    assert "skipped: StepUnavailable: fastmae-cudagraph: CUDA graphs need a CUDA device" in out
+    fastmae_line = next(line for line in out.splitlines() if line.startswith(TINY) and " fastmae " in line)
+    speedup = float(row["img_per_s"]) / float(rows["official"]["img_per_s"])
+    assert f"{speedup:.2f}x" in fastmae_line  # the speed-up over official, measured in the same run
+
+
+def test_loader_input_and_time_budget(tmp_path: Path) -> None:
+    from fastmae.data import demo_dataset
+
+    data = demo_dataset(tmp_path / "cache", crops_per_photo=1, size=64)  # 9 JPEGs
+    cfg = BenchConfig(models=(TINY,), impls=("fastmae",), batch_sizes=(3,), img_size=64, steps=1, warmup=1,
+                      inputs=("loader",), results_dir=tmp_path / "results", device="cpu", data_dir=data,
+                      loader_workers=0, baselines_dir=None)
+    rows, csv_path = run_bench(cfg, log=lambda line: None)
+    assert [(r["input"], r["status"]) for r in rows] == [("loader", "ok")]
+    assert read_rows(csv_path)[0]["input"] == "loader"
+    cfg.max_seconds, cfg.impls = 1e-9, ("fastmae", "fastmae-reference")
+    rows, _ = run_bench(cfg, log=lambda line: None)
+    assert [r["status"] for r in rows] == ["skipped: time budget of 1e-09 s spent"] * 2
+    assert len(read_rows(csv_path)) == 1  # nothing written, nothing replaced
+
+
+def _result(impl: str, img_per_s: float, batch: int = 256, status: str = "ok") -> dict[str, object]:
+    return {"gpu": "NVIDIA H100 80GB HBM3", "impl": impl, "model": "mae_vit_large_patch16", "batch": batch,
+            "img_size": 224, "dtype": "bf16", "compile": "false", "cuda_graph": "false", "input": "synthetic",
+            "img_per_s": img_per_s, "status": status}
+
+
+def test_upsert_replaces_the_matching_row_and_keeps_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "gpu.csv"
+    upsert_rows(path, [_result("fastmae", 3000.0), _result("modern", 2000.0), _result("fastmae", 1500.0, batch=128)])
+    upsert_rows(path, [_result("fastmae", 3300.0), _result("hf", 1800.0)])
+    rows = read_rows(path)
+    assert [(r["impl"], r["batch"], r["img_per_s"]) for r in rows] == [
+        ("fastmae", "256", "3300.0"), ("modern", "256", "2000.0"), ("fastmae", "128", "1500.0"),
+        ("hf", "256", "1800.0")]
+    assert [p.name for p in tmp_path.iterdir()] == ["gpu.csv"]  # the temporary file was renamed into place
+    with pytest.raises(ValueError, match="key columns"):
+        upsert_rows(path, [{"impl": "fastmae"}])
+
+
+def test_compare_flags_a_regression(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    upsert_rows(old, [_result("fastmae", 3000.0), _result("modern", 2000.0), _result("hf", 1000.0)])
+    upsert_rows(new, [_result("fastmae", 2800.0), _result("modern", 1950.0), _result("hf", 0.0, status="oom")])
+    assert main(["bench", "--compare", str(old), "--against", str(new)]) == 1  # 2800 is 6.7% below 3000
+    out = capsys.readouterr().out
+    regressions = [line for line in out.splitlines() if "REGRESSION" in line]
+    assert len(regressions) == 1 and " fastmae " in regressions[0] and "x0.933" in regressions[0]
+    assert " modern " in out and " hf " not in out  # 2.5% slower is no regression; an oom row is not compared
+    upsert_rows(new, [_result("fastmae", 2900.0)])
+    assert main(["bench", "--compare", str(old), "--against", str(new)]) == 0
+
+
+def test_unknown_names_are_value_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="unknown impl.*'fastmea'"):
+        BenchConfig(models=(TINY,), impls=("fastmea",), baselines_dir=None)
+    with pytest.raises(ValueError, match="unknown model 'mae_vit_giant'"):
+        BenchConfig(models=("mae_vit_giant",), baselines_dir=None)
+    with pytest.raises(ValueError, match="unknown input mode"):
+        BenchConfig(models=(TINY,), inputs=("dali",), baselines_dir=None)
+    with pytest.raises(ValueError, match="one per model"):
+        BenchConfig(models=(TINY,), batch_sizes=(4, 8), baselines_dir=None)
+    assert main(["bench", "--models", TINY, "--impls", "nope", "--device", "cpu"]) == 2
+    assert "unknown impl(s) ['nope']" in capsys.readouterr().err
+
+
+def test_baseline_builders_found_or_skipped_with_the_reason(tmp_path: Path) -> None:
+    assert default_baselines_dir() == ROOT / "bench" / "baselines"  # this checkout's, beside the package
+    builders = load_builders(("fastmae", "official", "hf"), None)
+    assert set(builders.builders) == {"fastmae"}
+    assert "no bench/baselines folder" in builders.unavailable["official"]
+    partial_dir = tmp_path / "fakebench_partial" / "baselines"
+    partial_dir.mkdir(parents=True)
+    (partial_dir / "steps.py").write_text("def build_official_step(*args):\n    raise RuntimeError('unused')\n")
+    builders = load_builders(("official", "hf"), partial_dir)
+    assert set(builders.builders) == {"official"}
+    assert "defines no build_hf_step" in builders.unavailable["hf"]
+
+
+def test_mfu_arithmetic_and_the_flop_count() -> None:
+    with torch.device("meta"):
+        expected = mae_flops(PRESETS["mae_vit_large_patch16"](img_size=224), 0.75).train_step
+    assert _train_flops("mae_vit_large_patch16", 224) == expected
+    assert round(expected / 1e9, 1) == 124.5  # DESIGN.md's ViT-L/16 training FLOPs per image
+    assert mfu(expected, 3200.0, 790.0) == pytest.approx(expected * 3200.0 / 790e12)
+    assert mfu(expected, 3200.0, None) is None
+    ctx = RunContext(torch.device("cuda"), "NVIDIA H100 80GB HBM3", Path("x.csv"), 800.0, 989.0,
+                     {"torch": "t", "triton": "t", "cuda": "c", "git_rev": "g"})
+    cfg = BenchConfig(models=("mae_vit_large_patch16",), impls=("fastmae",), baselines_dir=None)
+    timing = Timing(batch_size=256, steps=10, seconds=0.8, warmup_seconds=1.0, peak_mem_bytes=3 * 2**30, loss=0.5)
+    attempt = Attempt("ok", {"dtype": "bf16", "compile": False, "cuda_graph": True}, timing, setup_s=2.0)
+    row = _row(ctx, cfg, "fastmae-cudagraph", "mae_vit_large_patch16", "synthetic", 256, attempt, expected)
+    assert row["img_per_s"] == "3200.0" and row["ms_per_step"] == "80.00" and row["peak_mem_gib"] == "3.000"
+    assert float(row["mfu_measured"]) == pytest.approx(expected * 3200 / 800e12, abs=1e-4)
+    assert float(row["mfu_spec"]) == pytest.approx(expected * 3200 / 989e12, abs=1e-4)
+    assert (row["cuda_graph"], row["compile"]) == ("true", "false")
+
+
+@pytest.mark.parametrize("name,tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A10", 125.0), ("NVIDIA A10G", None),
+    ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("NVIDIA GH200 480GB", 989.0), ("Tesla V100-SXM2-16GB", None),
+])
+def test_spec_table(name: str, tflops: float | None) -> None:
+    assert spec_tflops(name) == tflops
+
+
+def test_plot_script_writes_pngs(tmp_path: Path) -> None:
+    path = tmp_path / "nvidia-h100-80gb-hbm3.csv"
+    upsert_rows(path, [_result("fastmae", 3000.0), _result("modern", 2000.0), _result("hf", 0.0, status="oom")])
+    spec = importlib.util.spec_from_file_location("plot_results", ROOT / "bench" / "plot_results.py")
+    plot_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_results)
+    assert plot_results.main([str(path)]) == 0
+    png = tmp_path / "nvidia-h100-80gb-hbm3-synthetic.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.gpu
+def test_fastmae_variants_on_gpu(tmp_path: Path) -> None:
+    """Eager, CUDA-graph and reference fastmae steps on CUDA: every column filled, MFU and memory plausible."""
+    cfg = BenchConfig(models=(TINY,), impls=("fastmae", "fastmae-cudagraph", "fastmae-reference"), batch_sizes=(16,),
+                      img_size=64, steps=5, warmup=3, results_dir=tmp_path, device="cuda", baselines_dir=None)
+    rows, csv_path = run_bench(cfg, log=lambda line: None)
+    assert [r["status"] for r in rows] == ["ok"] * 3, rows
+    for row in read_rows(csv_path):
+        assert all(row[c] != "" for c in COLUMNS if c != "spec_tflops" or spec_tflops(row["gpu"]) is not None), row
+        assert 0 < float(row["mfu_measured"]) < 1 and float(row["peak_mem_gib"]) > 0
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_updates_the_weights_on_every_replay() -> None:
+    from fastmae.benchmark.train_step import build_fastmae_step
+
+    step = build_fastmae_step("fastmae-cudagraph", TINY, 8, 64, torch.device("cuda"))
+    imgs = torch.randn(8, 3, 64, 64, device="cuda")
+    weight = step.model.blocks[0].attn.qkv.weight
+    losses, before = [], weight.detach().clone()
+    for _ in range(3):
+        losses.append(float(step.run(imgs)))
+        after = weight.detach().clone()
+        assert not torch.equal(after, before)  # the optimiser step is inside the graph
+        before = after
+    assert all(torch.isfinite(torch.tensor(losses))) and len(set(losses)) == 3  # fresh noise and weights each replay

@@ -1,0 +1,129 @@
+"""The bad-file policy with each loader backend: a tree holding every kind of bad file, and images
+that are unusual but good (PNG, grayscale, CMYK, RGBA, smaller than the crop)."""
+
+import io
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_data_loader import BACKENDS, MEAN, STD, write_solid_tree
+
+from fastmae.data import pretrain_loader
+from fastmae.data.bad_files import BadImageError, check_image, scan_images
+from fastmae.data.images import open_rgb
+
+GOOD_SOLID = 40
+
+
+def _noise_jpeg() -> bytes:
+    """A 64x48 JPEG of noise: long compressed data after the header."""
+    buf = io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_bad_tree(root: Path) -> tuple[list[Path], list[Path]]:
+    """Solid-colour JPEGs, unusual good images and every kind of bad file: (good extras, bad files)."""
+    write_solid_tree(root, GOOD_SOLID)
+    odd = root / "odd"
+    odd.mkdir()
+    Image.new("RGB", (40, 30), (30, 200, 60)).save(odd / "rgb.png")
+    Image.new("L", (40, 30), 170).save(odd / "gray.jpg", quality=95)
+    Image.new("CMYK", (40, 30), (0, 200, 200, 0)).save(odd / "cmyk.jpg", quality=95)  # red
+    Image.new("RGBA", (40, 30), (220, 40, 220, 128)).save(odd / "rgba.png")
+    Image.new("RGB", (9, 7), (250, 250, 20)).save(odd / "tiny.jpg", quality=95)
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    jpeg = _noise_jpeg()
+    (bad / "truncated.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])
+    (bad / "corrupt.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 4)
+    (bad / "notes.jpg").write_text("this is not an image\n")
+    Image.new("RGB", (40, 30)).save(bad / "animation.png", format="GIF")  # a format no backend decodes
+    (root / "README.txt").write_text("a non-image file without an image extension: ignored, and logged\n")
+    good = sorted(odd.iterdir())
+    return good, sorted(bad.iterdir())
+
+
+@pytest.fixture(scope="module")
+def bad_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], list[Path]]:
+    root = tmp_path_factory.mktemp("bad")
+    good, bad = write_bad_tree(root)
+    return root, good, bad
+
+
+def test_each_kind_of_file_is_judged(bad_tree: tuple[Path, list[Path], list[Path]]) -> None:
+    root, good, bad = bad_tree
+    reasons = {p.name: check_image(p) for p in bad}
+    assert reasons["empty.jpg"] == "empty file"
+    assert reasons["truncated.jpg"].startswith("truncated JPEG")
+    assert reasons["corrupt.jpg"].startswith("cannot decode") and reasons["notes.jpg"].startswith("cannot decode")
+    assert reasons["animation.png"].startswith("GIF images are not supported")
+    assert {p.name: check_image(p) for p in good} == {"cmyk.jpg": (40, 30), "gray.jpg": (40, 30), "rgb.png": (40, 30),
+                                                     "rgba.png": (40, 30), "tiny.jpg": (9, 7)}
+    assert all(isinstance(check_image(p, "decode"), str) for p in bad)
+    assert all(open_rgb(p).mode == "RGB" for p in good)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_stops_at_the_first_bad_file(bad_tree: tuple[Path, list[Path], list[Path]], backend: str) -> None:
+    root, _, bad = bad_tree
+    with pytest.raises(BadImageError, match=f"bad image file '{bad[0]}'"):
+        pretrain_loader(root, 8, img_size=32, backend=backend, device="cpu")
+
+
+def test_too_many_bad_files_stop_the_run(bad_tree: tuple[Path, list[Path], list[Path]]) -> None:
+    root, good, bad = bad_tree
+    total = GOOD_SOLID + len(good) + len(bad)
+    with pytest.raises(BadImageError, match=rf"{len(bad)} of {total} image files .* are bad .*max_skip_fraction=0.01"):
+        scan_images(root, on_bad_file="skip")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_yields_only_good_images_and_reports_each_bad_one(
+        bad_tree: tuple[Path, list[Path], list[Path]], backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    root, good, bad = bad_tree
+    with caplog.at_level(logging.WARNING, logger="fastmae.data"):
+        loader = pretrain_loader(root, 5, img_size=32, backend=backend, device="cpu", on_bad_file="skip",
+                                 max_skip_fraction=0.2, num_workers=0 if backend == "torch" else 2)
+    assert loader.skipped == bad and loader.num_images == GOOD_SOLID + len(good) == 45 and len(loader) == 9
+    for path in bad:
+        assert any(str(path) in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records), path
+    assert any(f"skipped {len(bad)} of 50 image files" in r.getMessage() for r in caplog.records)
+    assert any("ignoring 1 files without an image extension" in r.getMessage() for r in caplog.records)
+
+    files = loader.files  # every good file, each a single colour: identify the outputs by colour
+    colors = torch.stack([torch.tensor(list(open_rgb(p).getpixel((4, 4))), dtype=torch.float32) for p in files])
+    seen = []
+    for _ in range(len(loader)):
+        rgb = (next(loader) * STD + MEAN).mean(dim=(2, 3)) * 255  # (N, 3)
+        dist = (rgb[:, None] - colors[None]).abs().amax(dim=2)  # (N, files)
+        assert (dist.amin(dim=1) < 8).all()  # grayscale, CMYK, RGBA, PNG: RGB as PIL converts them
+        seen += dist.argmin(dim=1).tolist()
+    assert sorted(seen) == list(range(len(files)))  # one epoch: every good image once
+
+
+def _scan_on_rank(rank: int, world_size: int, init_file: str, root: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        scanned = scan_images(root, on_bad_file="skip", max_skip_fraction=0.2)
+        torch.save({"files": [str(p) for p in scanned.files], "sizes": scanned.sizes.tolist(),
+                    "skipped": [str(p) for p in scanned.skipped]}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_share_the_check_and_agree(bad_tree: tuple[Path, list[Path], list[Path]], tmp_path: Path) -> None:
+    """Under torch.distributed each rank checks a slice; all end with the single-process result."""
+    root = bad_tree[0]
+    torch.multiprocessing.spawn(_scan_on_rank, args=(2, str(tmp_path / "init"), str(root), str(tmp_path / "scan")),
+                                nprocs=2)
+    alone = scan_images(root, on_bad_file="skip", max_skip_fraction=0.2)
+    expected = {"files": [str(p) for p in alone.files], "sizes": alone.sizes.tolist(),
+                "skipped": [str(p) for p in alone.skipped]}
+    for rank in range(2):
+        assert torch.load(tmp_path / f"scan.{rank}", weights_only=True) == expected

@@ -1,0 +1,106 @@
+"""The pieces of crash safety on their own: non-finite guard and step skipping, sharded-checkpoint commit
+markers, the safe DCP metadata reader, loader-position translation, fault specs."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmae.train.checkpoint import COMMIT_MARKER, list_checkpoints, prune_checkpoints, save_checkpoint
+from fastmae.train.distributed import Ranks
+from fastmae.train.faults import faults
+from fastmae.train.nonfinite import NonFiniteError, NonFiniteGuard, optimizer_step
+from fastmae.train.sharded import SafeFileSystemReader
+from fastmae.train.state import loader_position
+
+ALONE = Ranks(0, 1, 0, torch.device("cpu"), None)
+
+
+def test_guard_skips_counts_and_stops_naming_step_and_rank() -> None:
+    guard = NonFiniteGuard(ALONE, max_consecutive=2)
+    assert not guard.check(1, torch.tensor(1.0), torch.tensor(2.0))
+    assert guard.check(2, torch.tensor(float("nan")), torch.tensor(2.0))
+    guard.raise_if_exhausted()  # one bad step: not yet
+    assert not guard.check(3, torch.tensor(1.0), torch.tensor(2.0))  # a good step resets the streak
+    assert guard.check(4, torch.tensor(1.0), torch.tensor(float("inf")))
+    assert guard.check(5, torch.tensor(float("inf")), None)
+    assert guard.skipped_total() == 3
+    with pytest.raises(NonFiniteError, match=r"step 5: non-finite loss on rank 0; 2 consecutive"):
+        guard.raise_if_exhausted()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_step_skip_leaves_weights_and_state_alone(fused: bool) -> None:
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=fused, foreach=not fused)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    param.grad = torch.full((4,), 0.5)
+    optimizer_step(optimizer, scaler, torch.tensor(True))
+    assert torch.equal(param.detach(), torch.ones(4))
+    assert not optimizer.state or float(optimizer.state[param]["step"]) == 0
+    optimizer_step(optimizer, scaler, torch.tensor(False))
+    assert not torch.equal(param.detach(), torch.ones(4)) and float(optimizer.state[param]["step"]) == 1
+
+
+def test_sharded_folder_counts_only_with_its_commit_marker(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 2, {"step": 2})
+    (tmp_path / "ckpt-00000004").mkdir()  # a sharded save that crashed before its marker
+    (tmp_path / "ckpt-00000004" / "__0_0.distcp").write_bytes(b"partial")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt"]
+    (tmp_path / "ckpt-00000006").mkdir()
+    (tmp_path / "ckpt-00000006" / COMMIT_MARKER).write_text("{}")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt", "ckpt-00000006"]
+    prune_checkpoints(tmp_path, keep_last=1)  # old complete ones and the crashed leftover go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000006"]
+
+
+class _Payload:
+    def __reduce__(self) -> tuple:
+        return (print, ("unpickled",))
+
+
+def test_dcp_metadata_reader_refuses_arbitrary_objects(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle builtins.print"):
+        SafeFileSystemReader(tmp_path).read_metadata()
+    assert "unpickled" not in capsys.readouterr().out
+
+
+class _Loader:
+    def __init__(self, batch_size: int, world_size: int, rank: int, batches: int) -> None:
+        self.state = {"epoch": 0, "batch": 0, "seed": 0, "batch_size": batch_size, "world_size": world_size,
+                      "rank": rank, "num_images": 100}
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+def test_loader_position_keeps_the_images_consumed_across_rank_counts() -> None:
+    saved = {"epoch": 2, "batch": 3, "seed": 0, "batch_size": 4, "world_size": 2, "rank": 0, "num_images": 100}
+    assert loader_position(saved, _Loader(8, 1, 0, 12)) == {**saved, "batch_size": 8, "world_size": 1, "batch": 3}
+    assert loader_position(saved, _Loader(4, 2, 1, 12)) == {**saved, "rank": 1}
+    end = {**saved, "batch": 12}  # taken after the last batch of the epoch
+    assert loader_position(end, _Loader(4, 2, 0, 12))["epoch"] == 3
+    with pytest.warns(UserWarning, match="not a whole number"):
+        assert loader_position(saved, _Loader(16, 1, 0, 6))["batch"] == 1
+
+
+def test_fault_specs_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    faults.cache_clear()
+    monkeypatch.setenv("FASTMAE_FAULT", "nan@5:1,pause_after_save@2")
+    assert [(f.kind, f.step, f.rank) for f in faults()] == [("nan", 5, 1), ("pause_after_save", 2, None)]
+    faults.cache_clear()
+    monkeypatch.setenv("FASTMAE_FAULT", "explode@3")
+    with pytest.raises(ValueError, match="KIND@STEP"):
+        faults()
+    faults.cache_clear()

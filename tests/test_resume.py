@@ -1,0 +1,47 @@
+"""Exact resume: an uninterrupted run against one SIGKILLed right after a checkpoint, rerun, SIGKILLed in the
+middle of its next save, and resumed: identical per-step losses, masks and final weights (fp32, deterministic)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmae.train.checkpoint import list_checkpoints
+from fastmae.train.pretrain import pretrain
+from pretrain_runs import (STEPS, Reference, cli_args, config, demo_root, final_weights, record_noise,  # noqa: F401
+                           reference, run_until_paused, step_losses)
+
+
+def test_sigkill_after_and_during_saves_resumes_bit_exactly(tmp_path: Path, demo_root: Path,  # noqa: F811
+                                                             reference: Reference, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    args = cli_args(demo_root, out)
+    run_until_paused(args, "pause_after_save@2")  # killed right after checkpoint 2 is committed
+    assert [p.name for p in list_checkpoints(ckpts)] == ["ckpt-00000002.pt"]
+
+    run_until_paused(args, "pause_in_save@4")  # the same command resumes at 2; killed while writing 4
+    assert (ckpts / "ckpt-00000004.pt.tmp").is_file()  # the half-written checkpoint
+    assert [p.name for p in list_checkpoints(ckpts)] == ["ckpt-00000002.pt"]
+    assert set(step_losses(out)) == {1, 2, 3, 4}
+
+    noise = record_noise(monkeypatch)
+    summary = pretrain(config(demo_root, out), progress=False)  # resumes from 2, ignoring the half-written 4
+    assert "resuming from " + str(ckpts / "ckpt-00000002.pt") + " (step 2)" in capsys.readouterr().out
+    assert summary.steps == STEPS and summary.status == "complete"
+    assert sorted(noise) == list(range(2, STEPS))  # Philox counters of steps 3..6
+
+    losses = step_losses(out)
+    assert losses == reference.losses  # bit-identical, every step (those before the kill and after)
+    assert len(set(losses.values())) == STEPS  # the losses do change from step to step
+    for counter, drawn in noise.items():
+        assert torch.equal(drawn, reference.noise[counter]), counter  # the same masks after the resume
+    assert not torch.equal(noise[2], noise[3])  # and masks differ between steps
+    weights = final_weights(out)
+    assert weights.keys() == reference.weights.keys()
+    for name, value in weights.items():
+        assert torch.equal(value, reference.weights[name]), name
+    assert not (ckpts / "ckpt-00000004.pt.tmp").exists()  # replaced by the completed checkpoint 4
