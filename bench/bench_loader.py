@@ -19,7 +19,6 @@ Target (docs/DESIGN.md): DALI >= 4,000 img/s at 224 px on one H100 with 16 cores
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.resources
 import os
 import random
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from fastmae.benchmark.results import read_rows, write_csv_atomically
 from fastmae.data import dali_available, pretrain_loader
 from fastmae.data.demo import DEMO_PHOTOS, default_cache_dir
 
@@ -120,17 +120,14 @@ def _environment(device: str) -> dict:
 
 
 def upsert_rows(path: Path, rows: list[dict]) -> None:
-    """Write ``rows`` into the CSV at ``path``, replacing rows with the same ``CSV_KEY`` values."""
+    """Write ``rows`` into the CSV at ``path``, replacing rows with the same ``CSV_KEY`` values; atomically
+    (a temporary file renamed into place), so a run killed mid-write keeps the old rows."""
     key = lambda row: tuple(str(row[k]) for k in CSV_KEY)  # noqa: E731
-    old = list(csv.DictReader(path.open())) if path.exists() else []
+    old = read_rows(path)
     fresh = {key(r) for r in rows}
     merged = [r for r in old if key(r) not in fresh] + rows
     fields = list(dict.fromkeys(f for r in merged for f in r))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(merged)
+    write_csv_atomically(path, fields, merged)
 
 
 def main(argv: list[str] | None = None) -> int:

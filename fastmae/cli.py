@@ -122,6 +122,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from fastmae.train.pretrain import pretrain
 
     values = _read_config_file(args.config) if args.config else {}
+    for flag, other in (("steps", "epochs"), ("epochs", "steps")):  # a run's length given on the command line
+        if getattr(args, flag) is not None:                          # replaces the file's, whichever way given
+            values.pop(other, None)
     for f in dataclasses.fields(PretrainConfig):
         if getattr(args, f.name) is not None:
             values[f.name] = getattr(args, f.name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -137,6 +139,56 @@ def test_upsert_replaces_the_matching_row_and_keeps_the_others(tmp_path: Path) -
     assert [p.name for p in tmp_path.iterdir()] == ["gpu.csv"]  # the temporary file was renamed into place
     with pytest.raises(ValueError, match="key columns"):
         upsert_rows(path, [{"impl": "fastmae"}])
+
+
+def test_a_failed_row_never_replaces_a_measured_one(tmp_path: Path) -> None:
+    path = tmp_path / "gpu.csv"
+    upsert_rows(path, [_result("fastmae", 3000.0), _result("modern", 0.0, status="error: boom")])
+    upsert_rows(path, [_result("fastmae", 0.0, status="oom"), _result("modern", 2000.0)])
+    assert [(r["impl"], r["img_per_s"], r["status"]) for r in read_rows(path)] == [
+        ("fastmae", "3000.0", "ok"), ("modern", "2000.0", "ok")]
+
+
+def test_upsert_gives_the_csv_ordinary_permissions_and_keeps_them(tmp_path: Path) -> None:
+    """The atomic rename must not leave mkstemp's owner-only 0o600 on the results file."""
+    path = tmp_path / "gpu.csv"
+    umask = os.umask(0o022)
+    try:
+        upsert_rows(path, [_result("fastmae", 3000.0)])
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    path.chmod(0o664)
+    upsert_rows(path, [_result("modern", 2000.0)])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664
+
+
+def _load_bench_script(name: str):  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loader_csv_upsert_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/bench_loader.py's CSV: a write that fails halfway leaves the old rows whole, no temporary file."""
+    bench_loader = _load_bench_script("bench_loader")
+    path = tmp_path / "gpu-loader.csv"
+    row = {"backend": "torch", "device": "cpu", "batch": 8, "img_size": 64, "img_per_s": 100.0}
+    bench_loader.upsert_rows(path, [row, {**row, "backend": "dali", "img_per_s": 300.0}])
+    before = path.read_text()
+
+    def fail_halfway(self, rows) -> None:  # noqa: ANN001
+        self.writerow(next(iter(rows)))
+        raise OSError("disk full (simulated)")
+
+    with monkeypatch.context() as patch, pytest.raises(OSError, match="simulated"):
+        patch.setattr(csv.DictWriter, "writerows", fail_halfway)
+        bench_loader.upsert_rows(path, [{**row, "img_per_s": 200.0}])
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    bench_loader.upsert_rows(path, [{**row, "img_per_s": 200.0}])
+    assert [(r["backend"], r["img_per_s"]) for r in read_rows(path)] == [("dali", "300.0"), ("torch", "200.0")]
 
 
 def test_compare_flags_a_regression(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

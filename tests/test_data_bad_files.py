@@ -12,7 +12,7 @@ from test_data_loader import BACKENDS, MEAN, STD, write_solid_tree
 
 from fastmae.data import pretrain_loader
 from fastmae.data.bad_files import BadImageError, check_image, scan_images
-from fastmae.data.images import open_rgb
+from fastmae.data.images import list_images, open_rgb
 
 GOOD_SOLID = 40
 
@@ -127,3 +127,14 @@ def test_ranks_share_the_check_and_agree(bad_tree: tuple[Path, list[Path], list[
                 "skipped": [str(p) for p in alone.skipped]}
     for rank in range(2):
         assert torch.load(tmp_path / f"scan.{rank}", weights_only=True) == expected
+
+
+def test_symlinked_class_folders_are_listed(tmp_path: Path) -> None:
+    """ImageFolder trees often link their class folders from elsewhere; a loop is listed once."""
+    write_solid_tree(tmp_path / "elsewhere", 4, classes=2)
+    (tmp_path / "root" / "class0").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "root" / "class0" / "own.jpg")
+    (tmp_path / "root" / "class1").symlink_to(tmp_path / "elsewhere" / "class1", target_is_directory=True)
+    (tmp_path / "root" / "class0" / "loop").symlink_to(tmp_path / "root", target_is_directory=True)
+    names = [p.relative_to(tmp_path / "root").as_posix() for p in list_images(tmp_path / "root")]
+    assert names == ["class0/own.jpg", "class1/0001.jpg", "class1/0003.jpg"]

@@ -86,6 +86,10 @@ def test_config_validation() -> None:
         PretrainConfig(steps=3, epochs=1.0)
     with pytest.raises(ValueError, match=r"unknown config keys \['lr_rate'\]"):
         PretrainConfig.from_dict({"lr_rate": 1.0})
+    for key, value, expected in [("steps", 0, ">= 1"), ("epochs", 0.0, "> 0"), ("keep_last", -1, ">= 0"),
+                                 ("num_workers", -2, ">= 0"), ("warmup_fraction", 1.5, r"in \[0, 1\]")]:
+        with pytest.raises(ValueError, match=rf"{key} must be {expected}, got {value}"):
+            PretrainConfig(**{key: value})
 
 
 def _fastmae(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -102,14 +106,15 @@ def test_cli_help_documents_every_key() -> None:
 
 def test_cli_config_file_flags_override_and_bad_key(tmp_path: Path, demo_root: Path) -> None:
     config = tmp_path / "cfg.toml"
-    config.write_text(f'model = "mae_vit_tiny_patch16"\ndata = "{demo_root}"\nsteps = 2\nimg_size = 32\n'
+    config.write_text(f'model = "mae_vit_tiny_patch16"\ndata = "{demo_root}"\nepochs = 3\nimg_size = 32\n'
                       'batch_size = 4\nlog_every = 1\n')
     result = _fastmae("pretrain", "--config", str(config), "--output", str(tmp_path / "o"), "--batch-size", "6",
-                      "--no-progress", "--num-workers", "0", "--device", "cpu")
+                      "--steps", "2", "--no-progress", "--num-workers", "0", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fastmae pretrain: 2 steps" in result.stdout
     saved = json.loads((tmp_path / "o" / "config.json").read_text())
     assert saved["batch_size"] == 6 and saved["img_size"] == 32  # flag over file over default
+    assert saved["steps"] == 2 and saved["epochs"] is None  # --steps replaces the file's epochs
     bad = tmp_path / "bad.json"
     bad.write_text('{"bacth_size": 4}')
     result = _fastmae("pretrain", "--config", str(bad))

@@ -3,17 +3,23 @@ markers, the safe DCP metadata reader, loader-position translation, fault specs.
 
 from __future__ import annotations
 
+import json
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata
 
 from fastmae.train.checkpoint import COMMIT_MARKER, list_checkpoints, prune_checkpoints, save_checkpoint
 from fastmae.train.distributed import Ranks
 from fastmae.train.faults import faults
 from fastmae.train.nonfinite import NonFiniteError, NonFiniteGuard, optimizer_step
-from fastmae.train.sharded import SafeFileSystemReader
+from fastmae.train.run_log import RunLog
+from fastmae.train.sharded import SafeFileSystemReader, _app_state, load_sharded
 from fastmae.train.state import loader_position
 
 ALONE = Ranks(0, 1, 0, torch.device("cpu"), None)
@@ -29,6 +35,17 @@ def test_guard_skips_counts_and_stops_naming_step_and_rank() -> None:
     assert guard.check(5, torch.tensor(float("inf")), None)
     assert guard.skipped_total() == 3
     with pytest.raises(NonFiniteError, match=r"step 5: non-finite loss on rank 0; 2 consecutive"):
+        guard.raise_if_exhausted()
+
+
+def test_guard_stops_after_a_streak_that_ended_before_the_check() -> None:
+    """Checks run at log intervals: good steps after a full streak must not hide it."""
+    guard = NonFiniteGuard(ALONE, max_consecutive=2)
+    assert guard.check(1, torch.tensor(1.0), torch.tensor(float("nan")))
+    assert guard.check(2, torch.tensor(float("nan")), torch.tensor(2.0))
+    assert guard.check(3, torch.tensor(float("nan")), torch.tensor(2.0))
+    assert not guard.check(4, torch.tensor(1.0), torch.tensor(2.0))
+    with pytest.raises(NonFiniteError, match=r"step 2: non-finite loss on rank 0; 2 consecutive"):
         guard.raise_if_exhausted()
 
 
@@ -67,6 +84,41 @@ def test_dcp_metadata_reader_refuses_arbitrary_objects(tmp_path: Path, capsys: p
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle builtins.print"):
         SafeFileSystemReader(tmp_path).read_metadata()
     assert "unpickled" not in capsys.readouterr().out
+
+
+def test_dcp_metadata_reader_refuses_callables_reached_through_dcp_modules(tmp_path: Path) -> None:
+    """A protocol-4 dotted name walks attributes: ``<a DCP module>.os.mkdir`` must not resolve (it did)."""
+    module, name, made = b"torch.distributed.checkpoint.metadata", b"os.mkdir", str(tmp_path / "made").encode()
+    payload = (b"\x80\x04\x8c" + bytes([len(module)]) + module + b"\x8c" + bytes([len(name)]) + name + b"\x93"
+               + b"\x8c" + bytes([len(made)]) + made + b"\x85R.")  # STACK_GLOBAL, (path,), REDUCE
+    (tmp_path / ".metadata").write_bytes(payload)
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to unpickle torch\.distributed\.checkpoint\.metadata\.os"):
+        SafeFileSystemReader(tmp_path).read_metadata()
+    assert not (tmp_path / "made").exists()
+
+
+def test_dcp_metadata_reader_reads_real_metadata(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+        warnings.simplefilter("ignore")
+        dcp.save(_app_state(model, optimizer), storage_writer=FileSystemWriter(tmp_path, sync_files=False))
+    metadata = SafeFileSystemReader(tmp_path).read_metadata()
+    assert isinstance(metadata, Metadata) and "model.0.weight" in metadata.state_dict_metadata
+    restored = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_sharded(tmp_path, restored, torch.optim.AdamW(restored.parameters()))
+    assert torch.equal(restored[0].weight, model[0].weight)
+
+
+def test_resumed_log_drops_the_rows_after_the_checkpoint(tmp_path: Path) -> None:
+    rows = [json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 5, "lo')  # killed while writing step 5
+    RunLog(tmp_path, ALONE, start_step=2, total_steps=6, images_per_step=8, progress=False).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:2])  # steps 3.. are logged again on resume
 
 
 class _Loader:

@@ -53,20 +53,40 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def upsert_rows(path: str | os.PathLike, rows: Iterable[dict[str, object]]) -> None:
-    """Write ``rows`` into the CSV at ``path``: replace rows with the same key, keep the others, atomically."""
+    """Write ``rows`` into the CSV at ``path``: replace rows with the same key, keep the others, atomically.
+    A failed row (status other than ``ok``) never replaces a measured one: its numbers stay, and the
+    failure is only in this run's table and exit code."""
     path = Path(path)
     merged = {row_key(r): r for r in read_rows(path)}
     for row in rows:
         text_row = {k: "" if v is None else str(v) for k, v in row.items()}
+        old = merged.get(row_key(text_row))
+        if text_row.get("status") != "ok" and old is not None and old.get("status") == "ok":
+            continue
         merged[row_key(text_row)] = text_row
     extra = sorted({k for r in merged.values() for k in r} - set(COLUMNS))  # columns of an older/newer schema
+    write_csv_atomically(path, [*COLUMNS, *extra], merged.values())
+
+
+def write_csv_atomically(path: str | os.PathLike, fieldnames: list[str], rows: Iterable[dict[str, object]]) -> None:
+    """Write ``rows`` (a header of ``fieldnames``, absent values empty) to a temporary file beside ``path``
+    and ``os.replace`` it into place: a run killed mid-write leaves the old file whole. The file gets the
+    old file's permission bits, or the usual ``0o666 & ~umask`` for a new one (not mkstemp's 0o600)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *extra], restval="")
+            writer = csv.DictWriter(f, fieldnames=fieldnames, restval="")
             writer.writeheader()
-            writer.writerows(merged.values())
+            writer.writerows(rows)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -25,7 +25,6 @@ import fastmae
 from fastmae.benchmark.inputs import INPUT_MODES, BatchSource
 from fastmae.benchmark.peak import measure_matmul_tflops, mfu, spec_tflops
 from fastmae.benchmark.registry import (
-    BASELINE_IMPLS,
     DEFAULT_IMPLS,
     Builders,
     check_impl_names,
@@ -199,11 +198,8 @@ def _attempt(builders: Builders, impl: str, model: str, batch: int, mode: str, c
     try:
         try:
             step = _check_step(builders.builders[impl](model, batch, cfg.img_size, ctx.device), impl, model, batch)
-        except Exception as exc:
-            baseline_cannot_run = impl in BASELINE_IMPLS and isinstance(exc, RuntimeError) and not _is_oom(exc)
-            if isinstance(exc, StepUnavailable) or baseline_cannot_run:
-                return Attempt(f"skipped: {_describe(exc)}")
-            raise
+        except StepUnavailable as exc:  # cannot run here (e.g. transformers missing); any other error is an error
+            return Attempt(f"skipped: {_describe(exc)}")
         build_s = time.perf_counter() - start
         source = BatchSource(mode, batch, cfg.img_size, ctx.device, cfg.warmup + cfg.steps, cfg.data_dir,
                              cfg.loader_workers)

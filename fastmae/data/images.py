@@ -32,9 +32,17 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise ValueError(f"data root must be a folder of images (ImageFolder tree), got {str(root)!r}")
     files, others = [], []
-    for path in root.rglob("*"):
-        if path.is_file() and not path.name.startswith("."):
-            (files if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    visited = set()  # real folders already listed: a symlinked folder is followed once (no cycles)
+    for folder, subfolders, names in os.walk(root, followlinks=True):  # symlinked class folders are common
+        real = os.path.realpath(folder)
+        if real in visited:
+            subfolders.clear()
+            continue
+        visited.add(real)
+        for name in names:
+            path = Path(folder, name)
+            if path.is_file() and not name.startswith("."):
+                (files if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
     if others:
         log.warning("ignoring %d files without an image extension (%s) below %s, e.g. %s", len(others),
                     " ".join(IMAGE_EXTENSIONS), root, min(others))

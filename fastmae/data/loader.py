@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from fastmae.data.bad_files import ScannedImages, scan_images
-from fastmae.data.images import IMAGENET_MEAN, IMAGENET_STD, list_images  # noqa: F401
 from fastmae.data.sampling import EpochPlan
 
 log = logging.getLogger("fastmae.data")

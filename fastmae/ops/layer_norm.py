@@ -129,6 +129,8 @@ def layer_norm(
 ) -> LayerNormOut:
     """Normalised ``x``; with ``residual`` returns ``(normalised x + residual, x + residual)``."""
     check_tensor("x", x, floating=True)
+    if x.ndim == 0:
+        raise ValueError("layer_norm: x must have at least one dimension (..., D), got a scalar")
     d = x.shape[-1]
     check_tensor("weight", weight, ndim=1, shape=(d,))
     check_tensor("bias", bias, ndim=1, shape=(d,))

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from fastmae.data.loader import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from fastmae.data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from fastmae.model import MaskedAutoencoderViT  # noqa: E402
 
 

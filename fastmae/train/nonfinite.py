@@ -30,8 +30,10 @@ class NonFiniteGuard:
         device = ranks.device
         self.consecutive = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
-        self.last_bad_step = torch.zeros((), dtype=torch.int64, device=device)
-        self.last_bad_flags = torch.zeros(2, ranks.world_size, device=device)  # rows: loss, gradients
+        # the step at which the streak first reached max_consecutive (0: not yet), and its flags: kept even when
+        # good steps follow before the next check, so a streak between two log intervals still stops the run
+        self.exhausted_step = torch.zeros((), dtype=torch.int64, device=device)
+        self.exhausted_flags = torch.zeros(2, ranks.world_size, device=device)  # rows: loss, gradients
 
     def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
         """Whether step ``step`` must be skipped: a bool scalar on the device, equal on every rank."""
@@ -44,21 +46,24 @@ class NonFiniteGuard:
         bad = flags.sum() > 0
         self.consecutive = (self.consecutive + 1) * bad
         self.skipped += bad
-        self.last_bad_step = torch.where(bad, step, self.last_bad_step)
-        self.last_bad_flags = torch.where(bad, flags, self.last_bad_flags)
+        exhausted_now = (self.exhausted_step == 0) & (self.consecutive >= self.max_consecutive)
+        self.exhausted_step = torch.where(exhausted_now, step, self.exhausted_step)
+        self.exhausted_flags = torch.where(exhausted_now, flags, self.exhausted_flags)
         return bad
 
     def raise_if_exhausted(self) -> None:
-        """Raise ``NonFiniteError`` after ``max_consecutive`` skipped steps in a row (syncs the host)."""
-        consecutive = int(self.consecutive.item())
-        if consecutive < self.max_consecutive:
+        """Raise ``NonFiniteError`` once ``max_consecutive`` steps in a row were skipped since the run (re)started,
+        naming the step that completed the streak and the ranks whose loss or gradients were non-finite there
+        (syncs the host)."""
+        step = int(self.exhausted_step.item())
+        if step == 0:
             return
-        flags = self.last_bad_flags.cpu()
+        flags = self.exhausted_flags.cpu()
         where = [f"non-finite {what} on rank{'s' if int(row.gt(0).sum()) > 1 else ''} "
                  + ", ".join(str(r) for r in row.nonzero().flatten().tolist())
                  for what, row in zip(("loss", "gradients"), flags) if row.any()]
-        raise NonFiniteError(f"step {int(self.last_bad_step.item())}: {'; '.join(where)}; {consecutive} consecutive "
-                             f"steps skipped (max_nonfinite {self.max_consecutive}); stopping without saving, the "
+        raise NonFiniteError(f"step {step}: {'; '.join(where)}; {self.max_consecutive} consecutive "
+                             f"steps skipped (max_nonfinite={self.max_consecutive}); stopping without saving, the "
                              "last checkpoint is the last good state")
 
     def skipped_total(self) -> int:

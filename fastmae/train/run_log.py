@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,25 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from fastmae.train.distributed import Ranks
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep only the complete rows of ``metrics.jsonl`` up to ``step`` (a resumed run logs the later steps again:
+    one row per step), rewriting the file atomically."""
+    if not path.is_file():
+        return
+    def logged_by_then(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError):  # the half-written last row of a killed run
+            return False
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if logged_by_then(line)]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 class RunLog:
@@ -33,6 +53,7 @@ class RunLog:
         if ranks.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
+            _drop_rows_after(out / "metrics.jsonl", start_step)  # logged after the checkpoint: they are redone
             self.metrics = open(out / "metrics.jsonl", "a")
             self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
 

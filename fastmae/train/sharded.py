@@ -45,8 +45,12 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Admits the classes of DCP metadata and nothing else."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("torch.distributed.checkpoint.") or (module, name) in _ADMITTED:
+        if (module, name) in _ADMITTED:
             return super().find_class(module, name)
+        if module.startswith("torch.distributed.checkpoint.") and "." not in name:  # a dotted name walks attributes
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__.startswith("torch.distributed.checkpoint."):
+                return found  # a class DCP defines (not one of the modules or functions it imports)
         if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_TYPES):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from checkpoint metadata")

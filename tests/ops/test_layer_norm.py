@@ -39,6 +39,8 @@ def test_backends_match_with_grads(backend: str, residual: bool) -> None:
 
 
 def test_public_validates() -> None:
+    with pytest.raises(ValueError, match="at least one dimension"):
+        ops.layer_norm(torch.tensor(1.0), torch.ones(1), torch.zeros(1))
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
         ops.layer_norm(torch.randn(2, 8), torch.ones(7), torch.zeros(8))
     with pytest.raises(ValueError, match=r"residual must have shape \(2, 8\)"):
