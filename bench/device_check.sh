@@ -78,7 +78,7 @@ wants attention_bench && step attention_bench 120 python -m pytest -q bench/test
   --benchmark-json "$out/attention_bench.json" -p no:cacheprovider
 if wants e2e; then  # the end-to-end table: cheap rows first; rows land in bench/results/<gpu>.csv as they finish
   step e2e_large 180 fastmae bench --models mae_vit_large_patch16 --steps 10 --warmup 3 --max-seconds 100 \
-    --impls fastmae-cudagraph,fastmae,official,hf,modern
+    --impls fastmae-cudagraph,fastmae,official,hf,modern,fastmae-compile
   step e2e_base_huge 90 fastmae bench --models mae_vit_base_patch16,mae_vit_huge_patch14 --steps 10 --warmup 3 \
     --max-seconds 40 --impls fastmae-cudagraph,fastmae
   step plots 60 python bench/plot_results.py bench/results/*.csv

@@ -11,8 +11,8 @@ from PIL import Image
 from test_data_loader import BACKENDS, MEAN, STD, write_solid_tree
 
 from fastmae.data import pretrain_loader
-from fastmae.data.bad_files import BadImageError, check_image, scan_images
-from fastmae.data.images import list_images, open_rgb
+from fastmae.data.bad_files import CHECKS, BadImageError, check_image, scan_images
+from fastmae.data.images import class_labels, list_images, open_rgb
 
 GOOD_SOLID = 40
 
@@ -138,3 +138,36 @@ def test_symlinked_class_folders_are_listed(tmp_path: Path) -> None:
     (tmp_path / "root" / "class0" / "loop").symlink_to(tmp_path / "root", target_is_directory=True)
     names = [p.relative_to(tmp_path / "root").as_posix() for p in list_images(tmp_path / "root")]
     assert names == ["class0/own.jpg", "class1/0001.jpg", "class1/0003.jpg"]
+
+
+def test_data_after_the_end_marker_is_good_truncation_is_not(tmp_path: Path) -> None:
+    """Cameras append data after a JPEG's end: the header check, unsure without the end marker near
+    the end, decodes such a file (good); a truncated file still fails both checks."""
+    jpeg = _noise_jpeg()
+    buf = io.BytesIO()
+    Image.effect_noise((40, 30), 60).convert("RGB").save(buf, "PNG")
+    (tmp_path / "trailer.jpg").write_bytes(jpeg + b"\0" * 4096)
+    (tmp_path / "trailer.png").write_bytes(buf.getvalue() + b"\0" * 4096)
+    (tmp_path / "truncated.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])
+    for check in CHECKS:
+        assert check_image(tmp_path / "trailer.jpg", check) == (64, 48)
+        assert check_image(tmp_path / "trailer.png", check) == (40, 30)
+        assert isinstance(check_image(tmp_path / "truncated.jpg", check), str)
+        scanned = scan_images(tmp_path, on_bad_file="skip", max_skip_fraction=0.5, check=check)
+        assert scanned.files == [tmp_path / "trailer.jpg", tmp_path / "trailer.png"]
+        assert scanned.skipped == [tmp_path / "truncated.jpg"]
+    assert check_image(tmp_path / "truncated.jpg").startswith("truncated JPEG (no end marker")
+    assert open_rgb(tmp_path / "trailer.jpg").tobytes() == Image.open(io.BytesIO(jpeg)).convert("RGB").tobytes()
+
+
+def test_hidden_folders_and_files_are_left_out(tmp_path: Path) -> None:
+    """Hidden folders (top level or deeper) and hidden files are not listed, as class_labels leaves
+    hidden class folders out: the two agree."""
+    write_solid_tree(tmp_path, 4, classes=2)
+    for hidden in (".cache/0100.jpg", "class0/.thumbs/0101.jpg", "class1/.0102.jpg"):
+        (tmp_path / hidden).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / hidden)
+    files = list_images(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == [
+        "class0/0000.jpg", "class0/0002.jpg", "class1/0001.jpg", "class1/0003.jpg"]
+    assert class_labels(files, tmp_path) == ([0, 0, 1, 1], ["class0", "class1"])

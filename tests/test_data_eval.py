@@ -1,5 +1,5 @@
-"""Fine-tuning and evaluation loaders, with each backend: labels, every image once per evaluation
-pass, resize + center crop, RandAugment."""
+"""Fine-tuning and evaluation loaders, with each backend: labels (from a tree or a list file),
+every image once per evaluation pass, resize + center crop, RandAugment."""
 
 from pathlib import Path
 
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_loader import BACKENDS, identify, write_photo_tree, write_solid_tree
+from test_data_loader import BACKENDS, identify, write_list_file, write_photo_tree, write_solid_tree
 
 from fastmae.data import eval_loader, finetune_loader
 from fastmae.data.eval_transform import ImageFiles, eval_transform
-from fastmae.data.images import list_images
+from fastmae.data.images import class_labels, list_images
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,22 @@ def test_eval_pass_covers_every_image_once_with_labels(solid_root: Path, backend
             assert labels == [i % 3 for i in ids]
         seen += ids
     assert sorted(seen) == list(range(47))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_list_file_labels_are_the_parent_folders(solid_root: Path, tmp_path: Path, backend: str) -> None:
+    files = list_images(solid_root)
+    list_file = write_list_file(tmp_path / "val.txt", files[::-1])
+    assert class_labels(files, list_file) == class_labels(files, solid_root)
+    tree = eval_loader(solid_root, 5, img_size=32, backend=backend, device="cpu", num_workers=_workers(backend))
+    listed = eval_loader(list_file, 5, img_size=32, backend=backend, device="cpu", num_workers=_workers(backend))
+    assert listed.classes == tree.classes == ["class0", "class1", "class2"] and listed.files == tree.files
+    for (images, labels), (tree_images, tree_labels) in zip(listed, tree, strict=True):
+        assert torch.equal(images, tree_images) and labels.tolist() == tree_labels.tolist()
+    finetune = finetune_loader(list_file, 8, img_size=32, backend=backend, device="cpu", rand_augment=None,
+                               num_workers=_workers(backend))
+    images, labels = next(finetune)
+    assert finetune.classes == tree.classes and labels.tolist() == [i % 3 for i in identify(images, 47)]
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
 """fastmae.data.pretrain_loader on generated JPEG trees, with each backend (DALI runs CPU pipelines
 without a GPU): shapes, dtypes, normalisation, the planned crops and flips, seeds, rank shards,
-save/restore of the position."""
+save/restore of the position, list files in place of a tree."""
 
 import importlib.resources
 import importlib.util
+import os
 import random
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmae.data import IMAGENET_MEAN, IMAGENET_STD, pretrain_loader
+from fastmae.data import IMAGENET_MEAN, IMAGENET_STD, list_images, pretrain_loader
 from fastmae.data.sampling import EpochPlan
 from fastmae.data.torch_backend import crop_resize_flip, normalize
 
@@ -158,6 +159,54 @@ def test_state_is_plain_and_checked(tmp_path: Path, photo_root: Path) -> None:
         loader.load_state_dict({**state, "batch": 3})
     with pytest.raises(ValueError, match="backend must be one of"):
         _loader(photo_root, "jax")
+
+
+def test_iterating_leaves_the_global_rng_alone(photo_root: Path) -> None:
+    """A new DataLoader iterator (at the start, after a restore) draws nothing from torch's global
+    generator, so a resumed run's global random stream matches the uninterrupted run's."""
+    loader = _loader(photo_root, "torch")
+    before = torch.get_rng_state()
+    for _ in range(4):  # into the second epoch
+        next(loader)
+    loader.load_state_dict(loader.state_dict())  # restarts the DataLoader at its position
+    next(loader)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def write_list_file(list_file: Path, files: list[Path]) -> Path:
+    """``files`` listed in ``list_file``, in that order, alternately relative to its folder and
+    absolute, with a comment and blank lines."""
+    list_file.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# the tree's images", ""]
+    for i, path in enumerate(files):
+        lines += [os.path.relpath(path, list_file.parent) if i % 2 else str(path.absolute()), "  "]
+    list_file.write_text("\n".join(lines) + "\n")
+    return list_file
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_list_file_reads_as_the_equivalent_tree(solid_root: Path, tmp_path: Path, backend: str) -> None:
+    list_file = write_list_file(tmp_path / "lists" / "train.txt", list_images(solid_root)[::-1])  # any order
+    assert any(line.startswith("..") for line in list_file.read_text().splitlines())  # relative entries
+    tree = _loader(solid_root, backend, seed=3, rank=1, world_size=2, batch_size=6)
+    listed = _loader(list_file, backend, seed=3, rank=1, world_size=2, batch_size=6)
+    assert listed.files == tree.files and len(listed) == len(tree) == 4
+    for _ in range(len(tree) + 2):  # into the second epoch
+        assert torch.equal(next(listed), next(tree))
+
+
+def test_list_file_errors(solid_root: Path, tmp_path: Path) -> None:
+    files = list_images(solid_root)
+    gone = [tmp_path / "gone" / "a.jpg", tmp_path / "gone" / "b.jpg"]
+    with pytest.raises(ValueError, match=rf"names 2 paths that are not files, the first: '{gone[0]}'"):
+        list_images(write_list_file(tmp_path / "missing.txt", [*files[:3], *gone]))
+    (tmp_path / "comments.txt").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="names no files"):
+        list_images(tmp_path / "comments.txt")
+    with pytest.raises(ValueError, match="not a UTF-8 text file listing image paths"):
+        list_images(files[0])  # an image, not a list
+    with pytest.raises(ValueError, match="a text file listing image paths, .* which is neither"):
+        list_images(tmp_path / "nowhere")
 
 
 @pytest.mark.gpu

@@ -13,6 +13,8 @@ from PIL import Image
 from fastmae.data import demo_dataset, list_images
 from fastmae.data.demo import DEMO_PHOTOS
 from fastmae.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+import fastmae.train.pretrain as pretrain_module
+from fastmae.cli import main
 from fastmae.train.config import PretrainConfig
 from fastmae.train.pretrain import pretrain
 
@@ -51,7 +53,11 @@ def test_pretrain_outputs_and_resume(tmp_path: Path, demo_root: Path, capsys: py
         assert fig.format == "PNG" and fig.size[0] > 400
 
     summary = pretrain(_cfg(out, demo_root, 6), progress=False)  # same output folder: resumes
-    assert "resuming from" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "resuming from" in printed
+    # the CPU's foreach AdamW has no device-side skip: the log line that names it says so
+    assert ("optimizer torch.optim.AdamW(foreach=True) (the parameters are on cpu, not CUDA); host sync per step for "
+            "the non-finite check with torch.optim.AdamW(foreach=True)") in printed
     assert summary.steps == 6
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]  # continued, not restarted
@@ -90,6 +96,50 @@ def test_config_validation() -> None:
                                  ("num_workers", -2, ">= 0"), ("warmup_fraction", 1.5, r"in \[0, 1\]")]:
         with pytest.raises(ValueError, match=rf"{key} must be {expected}, got {value}"):
             PretrainConfig(**{key: value})
+
+
+def test_config_types_are_checked_naming_key_type_and_value(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for values, message in [({"batch_size": "8"}, "config key batch_size must be int, got '8' (str)"),
+                            ({"steps": True}, "config key steps must be int or None, got True (bool)"),
+                            ({"norm_pix_loss": 1}, "config key norm_pix_loss must be bool or None, got 1 (int)"),
+                            ({"clip_grad": "1.0"}, "config key clip_grad must be float or None, got '1.0' (str)"),
+                            ({"output": 5}, "config key output must be str, got 5 (int)")]:
+        with pytest.raises(TypeError) as caught:
+            PretrainConfig.from_dict(values)
+        assert str(caught.value) == message
+    assert PretrainConfig.from_dict({"epochs": 3, "clip_grad": 1}).epochs == 3.0  # TOML ints for float keys
+    config = tmp_path / "cfg.toml"
+    config.write_text('batch_size = "8"\n')
+    assert main(["pretrain", "--config", str(config)]) == 2
+    assert "config key batch_size must be int, got '8' (str)" in capsys.readouterr().err
+
+
+class _LoaderCalled(Exception):
+    pass
+
+
+def test_bad_file_settings_reach_the_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ValueError, match=r"max_skip_fraction must be in \[0, 1\), got 1.0"):
+        PretrainConfig(max_skip_fraction=1.0)
+    with pytest.raises(ValueError, match="bad_file_check must be one of \\['header', 'decode'\\], got 'full'"):
+        PretrainConfig(bad_file_check="full")
+    seen = {}
+
+    def loader(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise _LoaderCalled
+
+    monkeypatch.setattr(pretrain_module, "pretrain_loader", loader)
+    with pytest.raises(_LoaderCalled):
+        main(["pretrain", "--data", str(tmp_path), "--output", str(tmp_path / "o"), "--on-bad-file", "skip",
+              "--max-skip-fraction", "0.2", "--bad-file-check", "decode"])
+    assert (seen["on_bad_file"], seen["max_skip_fraction"], seen["check"]) == ("skip", 0.2, "decode")
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "stop when more than max_skip_fraction of the files are bad" in usage and "1%" not in usage
+    assert "--max-skip-fraction" in usage and "--bad-file-check" in usage
 
 
 def _fastmae(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,5 +1,6 @@
 """The pieces of crash safety on their own: non-finite guard and step skipping, sharded-checkpoint commit
-markers, the safe DCP metadata reader, loader-position translation, fault specs."""
+markers and the fallback past a damaged shard, the safe DCP metadata reader, loader-position translation, fault
+specs."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata
 
-from fastmae.train.checkpoint import COMMIT_MARKER, list_checkpoints, prune_checkpoints, save_checkpoint
+from fastmae.train.checkpoint import (COMMIT_MARKER, NoLoadableCheckpointError, list_checkpoints,
+                                      load_latest_checkpoint, prune_checkpoints, save_checkpoint)
 from fastmae.train.distributed import Ranks
 from fastmae.train.faults import faults
-from fastmae.train.nonfinite import NonFiniteError, NonFiniteGuard, optimizer_step
+from fastmae.train.nonfinite import NonFiniteError, NonFiniteGuard, optimizer_step, skip_syncs_host
 from fastmae.train.run_log import RunLog
-from fastmae.train.sharded import SafeFileSystemReader, _app_state, load_sharded
+from fastmae.train.sharded import SafeFileSystemReader, _app_state, load_sharded, save_sharded
 from fastmae.train.state import loader_position
 
 ALONE = Ranks(0, 1, 0, torch.device("cpu"), None)
@@ -60,6 +62,52 @@ def test_optimizer_step_skip_leaves_weights_and_state_alone(fused: bool) -> None
     assert not optimizer.state or float(optimizer.state[param]["step"]) == 0
     optimizer_step(optimizer, scaler, torch.tensor(False))
     assert not torch.equal(param.detach(), torch.ones(4)) and float(optimizer.state[param]["step"]) == 1
+
+
+def test_only_torch_fused_adamw_skips_without_a_host_sync() -> None:
+    params = [torch.nn.Parameter(torch.ones(2))]
+    off, fp16 = torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=True)
+    assert skip_syncs_host(torch.optim.AdamW(params, foreach=True), off)
+    assert skip_syncs_host(torch.optim.SGD(params, lr=0.1), off)  # like apex's FusedAdam: no found_inf input
+    assert not skip_syncs_host(torch.optim.AdamW(params, fused=True), off)
+    assert not skip_syncs_host(torch.optim.AdamW(params, foreach=True), fp16)  # the GradScaler decides
+
+
+def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process, as intended here
+def test_damaged_shard_falls_back_to_the_previous_sharded_checkpoint(tmp_path: Path) -> None:
+    saved = {}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+        warnings.simplefilter("ignore")
+        for step in (2, 4):
+            model, optimizer = _trained(seed=step)
+            saved[step] = model[0].weight.detach().clone()
+            save_sharded(tmp_path, step, model, optimizer, {"step": step}, ALONE)
+    shard = tmp_path / "ckpt-00000004" / "__0_0.distcp"
+    shard.write_bytes(b"\0" * shard.stat().st_size)  # damaged after it was committed: extra.pt still reads
+    model, optimizer = _trained(seed=0)
+    applied = []
+
+    def apply(path: Path, state: dict) -> None:
+        applied.append(state["step"])
+        load_sharded(path, model, optimizer)
+
+    with pytest.warns(UserWarning, match=r"skipping unreadable checkpoint .*ckpt-00000004\b"):
+        path, state = load_latest_checkpoint(tmp_path, apply, ALONE)
+    assert path.name == "ckpt-00000002" and state["step"] == 2 and applied == [4, 2]
+    assert torch.equal(model[0].weight, saved[2])
+
+    (tmp_path / "ckpt-00000002" / "__0_0.distcp").write_bytes(b"")  # now every one is damaged
+    with pytest.warns(UserWarning), pytest.raises(NoLoadableCheckpointError, match="none of the 2 checkpoints"):
+        load_latest_checkpoint(tmp_path, apply, ALONE)
 
 
 def test_sharded_folder_counts_only_with_its_commit_marker(tmp_path: Path) -> None:

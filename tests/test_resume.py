@@ -1,8 +1,11 @@
 """Exact resume: an uninterrupted run against one SIGKILLed right after a checkpoint, rerun, SIGKILLed in the
-middle of its next save, and resumed: identical per-step losses, masks and final weights (fp32, deterministic)."""
+middle of its next save, and resumed: identical per-step losses, masks and final weights (fp32, deterministic).
+And a single process preempted by SIGTERM: it saves, exits 75, and the rerun continues from that step."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,8 @@ import torch
 
 from fastmae.train.checkpoint import list_checkpoints
 from fastmae.train.pretrain import pretrain
-from pretrain_runs import (STEPS, Reference, cli_args, config, demo_root, final_weights, record_noise,  # noqa: F401
-                           reference, run_until_paused, step_losses)
+from pretrain_runs import (STEPS, Reference, cli_args, config, demo_root, fastmae_env, final_weights,  # noqa: F401
+                           record_noise, reference, run_until_paused, step_losses)
 
 
 def test_sigkill_after_and_during_saves_resumes_bit_exactly(tmp_path: Path, demo_root: Path,  # noqa: F811
@@ -45,3 +48,21 @@ def test_sigkill_after_and_during_saves_resumes_bit_exactly(tmp_path: Path, demo
     for name, value in weights.items():
         assert torch.equal(value, reference.weights[name]), name
     assert not (ckpts / "ckpt-00000004.pt.tmp").exists()  # replaced by the completed checkpoint 4
+
+
+def test_sigterm_in_one_process_saves_exits_75_and_resumes(tmp_path: Path, demo_root: Path,  # noqa: F811
+                                                           reference: Reference, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    preempted = subprocess.run([sys.executable, "-m", "fastmae.cli", *cli_args(demo_root, out)], capture_output=True,
+                               text=True, env=fastmae_env("sigterm@3"), timeout=120)  # SIGTERM during step 3
+    assert preempted.returncode == 75, preempted.stderr[-3000:]
+    assert "fastmae pretrain (rank 0): SIGTERM received" in preempted.stdout
+    assert "preempted: saved step 3 and stopped" in preempted.stdout
+    assert [p.name for p in list_checkpoints(ckpts)] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    assert set(step_losses(out)) == {1, 2, 3}
+
+    summary = pretrain(config(demo_root, out), progress=False)  # the same settings, in this process
+    assert "resuming from " + str(ckpts / "ckpt-00000003.pt") + " (step 3)" in capsys.readouterr().out
+    assert summary.steps == STEPS and summary.status == "complete"
+    assert step_losses(out) == reference.losses  # continued bit-exactly from the preemption checkpoint

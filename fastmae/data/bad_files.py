@@ -9,11 +9,13 @@ RGBA and images smaller than the crop are good: both backends convert them to RG
   ``fastmae.data``) with its reason, their count is logged, and more than ``max_skip_fraction`` of
   bad files stops the run over a broken dataset.
 
-``check="header"`` reads each file's header and its last KiB (a JPEG ends with an EOI marker, a
-PNG with an IEND chunk), about 0.05 ms a file; ``check="decode"`` also decodes each file (JPEGs at
-1/8 scale), about 1 ms a file. Files are checked on a thread pool; under an initialised
-``torch.distributed`` group each rank checks a slice and the results are shared, so every rank
-leaves out the same files. A file damaged in a way the check missed fails at decode, named.
+``check="header"`` reads each file's header and its last KiB, about 0.05 ms a file: a JPEG or PNG
+with its end marker there (a JPEG's EOI, a PNG's IEND chunk) is good; one without it is truncated
+or has data appended after the end (cameras append some), so it is decoded, and is bad only if
+that fails. ``check="decode"`` decodes every file (JPEGs at 1/8 scale), about 1 ms a file. Files
+are checked on a thread pool; under an initialised ``torch.distributed`` group each rank checks a
+slice and the results are shared, so every rank leaves out the same files. A file damaged in a
+way the check missed fails at decode, named.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class ScannedImages:
 
 
 def check_image(path: Path, check: str = "header") -> tuple[int, int] | str:
-    """The upright ``(width, height)`` of a good image, or why ``path`` is bad."""
+    """The upright ``(width, height)`` of a good image, or why ``path`` is bad (module docstring)."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
@@ -61,20 +63,38 @@ def check_image(path: Path, check: str = "header") -> tuple[int, int] | str:
                 return f"{img.format} images are not supported (only {', '.join(DECODABLE_FORMATS)})"
             size = upright_size(img)
             marker = END_MARKERS.get(img.format)
-            if marker is not None:
-                with open(path, "rb") as f:
-                    f.seek(max(0, os.path.getsize(path) - TAIL_BYTES))
-                    if marker not in f.read():
-                        return f"truncated {img.format} (no end marker {marker!r})"
-            if check == "decode":
-                if img.format in ("JPEG", "MPO"):  # all compressed data is still read; the IDCT is cheap at 1/8
-                    img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-                img.load()
+            unsure = marker is not None and not _ends_near_marker(path, marker)  # maybe truncated, maybe trailing data
+            if unsure or check == "decode":
+                error = _decode_error(img)
+                if error is not None and unsure:
+                    return (f"truncated {img.format} (no end marker {marker!r} in its last {TAIL_BYTES} bytes, "
+                            f"and it does not decode: {error})")
+                if error is not None:
+                    return f"cannot decode: {error}"
     except Exception as exc:  # PIL raises many types for damaged or foreign files
         return f"cannot decode: {type(exc).__name__}: {exc}"
     if min(size) < 1:
         return f"empty image {size[0]}x{size[1]}"
     return size
+
+
+def _ends_near_marker(path: Path, marker: bytes) -> bool:
+    """Whether ``marker`` occurs in the last ``TAIL_BYTES`` bytes of the file at ``path``."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - TAIL_BYTES))
+        return marker in f.read()
+
+
+def _decode_error(img: Image.Image) -> str | None:
+    """Why the open image ``img`` does not decode, or None when it does (JPEGs at 1/8 scale: all the
+    compressed data is still read, the IDCT is cheap)."""
+    try:
+        if img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+        img.load()
+    except Exception as exc:  # PIL raises many types for damaged data
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _check_all(files: list[Path], check: str, num_threads: int) -> list[tuple[int, int] | str]:
@@ -100,7 +120,8 @@ def _check_shared(files: list[Path], check: str, num_threads: int) -> list[tuple
 
 def scan_images(root: str | os.PathLike, on_bad_file: str = "error", max_skip_fraction: float = 0.01,
                 check: str = "header", num_threads: int | None = None) -> ScannedImages:
-    """Check every image file below ``root`` and apply the bad-file policy (see the module docstring)."""
+    """Check every image file of ``root`` (a folder or a text file listing image paths, as
+    ``list_images`` takes) and apply the bad-file policy (see the module docstring)."""
     if on_bad_file not in BAD_FILE_POLICIES:
         raise ValueError(f"on_bad_file must be one of {BAD_FILE_POLICIES}, got {on_bad_file!r}")
     if check not in CHECKS:
@@ -121,9 +142,9 @@ def scan_images(root: str | os.PathLike, on_bad_file: str = "error", max_skip_fr
             skipped.append(path)
     if skipped:
         fraction = len(skipped) / len(files)
-        log.warning("skipped %d of %d image files below %s (%.2f%%)", len(skipped), len(files), root, 100 * fraction)
+        log.warning("skipped %d of %d image files of %s (%.2f%%)", len(skipped), len(files), root, 100 * fraction)
         if fraction > max_skip_fraction:
-            raise BadImageError(f"{len(skipped)} of {len(files)} image files below {str(root)!r} are bad "
+            raise BadImageError(f"{len(skipped)} of {len(files)} image files of {str(root)!r} are bad "
                                 f"({100 * fraction:.2f}% > max_skip_fraction={max_skip_fraction}): is this the "
                                 f"right dataset? The first bad file: {str(skipped[0])!r}")
     return ScannedImages(good, np.array(sizes, dtype=np.int64).reshape(-1, 2), skipped)

@@ -26,7 +26,7 @@ trimmed from the output. When a segment ends, the next pipeline is built for the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from fastmae.data.images import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.data.loader import Batch
 from fastmae.data.sampling import EpochPlan, uniforms
 
 SEGMENT_SAMPLES = 50_000  # at least this many samples per pipeline (whole epochs), unless one epoch is larger
@@ -111,7 +112,7 @@ class DaliBackend:
         pipe.build()
         return pipe
 
-    def _to_torch(self, images: object, labels: object, real: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def _to_torch(self, images: object, labels: object, real: int) -> Batch:
         """A DALI batch ``(B, 3, S, S)`` -> its first ``real`` images as a torch tensor on the device,
         with their labels ``(real,)`` when the backend has labels."""
         dense = images.as_tensor()
@@ -125,7 +126,7 @@ class DaliBackend:
         label_ids = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1)[:real].astype(np.int64))  # (real,)
         return out, label_ids.to(self.device, non_blocking=True)
 
-    def batches(self, epoch: int, batch: int) -> Iterator[torch.Tensor]:
+    def batches(self, epoch: int, batch: int) -> Generator[Batch, None, None]:
         while True:
             segment = self._segment(epoch, batch)
             pipe = self._pipeline(segment)

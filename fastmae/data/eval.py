@@ -1,5 +1,9 @@
 """Fine-tuning and evaluation inputs, with ImageFolder labels, on the DALI or the torch backend.
 
+``root`` is an ImageFolder tree (a file's class: its top-level folder) or a text file listing
+image paths (a file's class: the name of the folder holding it); see ``class_labels`` in
+fastmae/data/images.py.
+
 - ``finetune_loader``: as the pretraining loader (endless, resumable, sharded, seeded), with the
   fine-tuning augmentation of the MAE recipe: RandomResizedCrop with scale 0.08–1.0, flip, then
   RandAugment (2 operations of magnitude 9 by default: DALI's ``auto_aug.rand_augment`` or
@@ -20,7 +24,7 @@ import torch
 
 from fastmae.data.bad_files import scan_images
 from fastmae.data.images import class_labels
-from fastmae.data.loader import PretrainLoader, check_output, make_backend
+from fastmae.data.loader import Backend, PretrainLoader, check_output, make_backend
 from fastmae.data.sampling import EpochPlan, EvalPlan
 
 
@@ -59,11 +63,12 @@ def finetune_loader(
 class EvalLoader:
     """Iterating gives one pass of ``(images (N, 3, S, S), labels (N,) int64)`` over this rank's images.
 
-    ``len(loader)``: batches per pass. ``classes``: the class names. ``backend``, ``files``,
-    ``skipped`` as ``PretrainLoader``'s.
+    ``len(loader)``: batches per pass, which can differ between ranks (no padding: see ``EvalPlan``,
+    reduce results once after the pass, not per batch). ``classes``: the class names. ``backend``,
+    ``files``, ``skipped`` as ``PretrainLoader``'s.
     """
 
-    def __init__(self, impl: object, plan: EvalPlan, files: list[Path], skipped: list[Path],
+    def __init__(self, impl: Backend, plan: EvalPlan, files: list[Path], skipped: list[Path],
                  classes: list[str]) -> None:
         self._impl, self._plan = impl, plan
         self.backend: str = impl.name

@@ -18,8 +18,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -31,6 +32,19 @@ log = logging.getLogger("fastmae.data")
 BACKENDS = ("auto", "dali", "torch")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_CHECKS = ("seed", "batch_size", "world_size", "rank", "num_images")  # must match to restore a position
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # images (N, 3, S, S), or those and labels (N,) int64
+
+
+class Backend(Protocol):
+    """What the loaders need of a backend (``DaliBackend``, ``TorchBackend``)."""
+
+    name: str  # "dali" or "torch"
+
+    def describe(self) -> str:
+        """One line: how and where the images are decoded."""
+
+    def batches(self, epoch: int, batch: int) -> Generator[Batch, None, None]:
+        """The batches of the plan from ``(epoch, batch)`` on, forever; ``close()`` stops the workers."""
 
 
 def dali_available() -> bool:
@@ -58,7 +72,7 @@ class PretrainLoader:
     ``files``/``num_images``: the good image files / their number. ``skipped``: the bad files left out.
     """
 
-    def __init__(self, impl: object, plan: EpochPlan, scanned: ScannedImages) -> None:
+    def __init__(self, impl: Backend, plan: EpochPlan, scanned: ScannedImages) -> None:
         self._impl, self._plan = impl, plan
         self.backend: str = impl.name
         self.files: list[Path] = scanned.files  # the good image files, sorted
@@ -66,7 +80,7 @@ class PretrainLoader:
         self.skipped: list[Path] = scanned.skipped
         self.classes: list[str] | None = None  # the class names, set by finetune_loader
         self.epoch, self.batch = 0, 0  # the position of the next batch
-        self._batches: Iterator[torch.Tensor] | None = None
+        self._batches: Generator[Batch, None, None] | None = None
 
     def __len__(self) -> int:
         return len(self._plan)
@@ -74,7 +88,7 @@ class PretrainLoader:
     def __iter__(self) -> PretrainLoader:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Batch:
         if self._batches is None:
             self._batches = self._impl.batches(self.epoch, self.batch)
         images = next(self._batches)
@@ -135,7 +149,9 @@ def pretrain_loader(
     max_skip_fraction: float = 0.01,
     check: str = "header",
 ) -> PretrainLoader:
-    """The MAE pretraining loader over the images below ``root`` (module docstring).
+    """The MAE pretraining loader over the images of ``root`` (module docstring): a folder (an
+    ImageFolder tree or a flat folder) or a text file listing image paths, one a line
+    (fastmae/data/images.py, ``list_images``).
 
     ``backend``: ``"dali"`` (GPU decode with ``device="cuda"``, CPU pipeline otherwise), ``"torch"``
     (PIL on ``DataLoader`` workers) or ``"auto"`` (DALI when installed). ``device``: default cuda when
@@ -160,7 +176,7 @@ def check_output(img_size: int, dtype: torch.dtype) -> None:
 
 def make_backend(backend: str, scanned: ScannedImages, plan: EpochPlan, img_size: int,
                  device: str | torch.device | None, dtype: torch.dtype, num_workers: int | None,
-                 labels: list[int] | None = None, rand_augment: tuple[int, int] | None = None) -> object:
+                 labels: list[int] | None = None, rand_augment: tuple[int, int] | None = None) -> Backend:
     """The DALI or torch backend (``choose_backend``) over the scanned files, following ``plan``."""
     name = choose_backend(backend)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -5,8 +5,9 @@ in the same order and crop and flip them the same way:
 
 - Epoch ``e`` visits the images in the order of a permutation that is a function of ``(seed, e)``
   only. Rank ``r`` of ``world_size`` reads the positions ``r, r + world_size, r + 2 * world_size,
-  ...`` of it, so the ranks' shards are disjoint and together cover the epoch once (the
-  ``num_images % world_size`` images at the end of the permutation wait for a later epoch).
+  ...`` of it, so the ranks' shards are disjoint and together cover the epoch once, except the
+  ``num_images % world_size`` images at the end of the permutation, which no rank reads in that
+  epoch (each epoch's permutation is new, so which images those are changes from epoch to epoch).
 - The crop box and flip of a sample (and the seed of any further augmentation, e.g. RandAugment)
   are a function of ``(seed, epoch, position in the epoch)``, drawn
   from a counter-based hash (splitmix64), so they do not depend on the number of ranks or workers,
@@ -164,7 +165,13 @@ class EvalPlan(EpochPlan):
     """Evaluation: every image once, in file order (rank ``r`` of ``world_size`` takes the positions
     ``r, r + world_size, ...``; the last batch may be short), no flips, and a centered square box of
     ``crop_fraction`` of the shorter side: resized to ``img_size`` that is the usual resize of the
-    shorter side to ``img_size / crop_fraction`` followed by a center crop of ``img_size``."""
+    shorter side to ``img_size / crop_fraction`` followed by a center crop of ``img_size``.
+
+    Nothing is padded, so ranks can hold different numbers of images and of batches (47 images on 3
+    ranks of batch 5: 4, 4 and 3 batches). A distributed evaluation must therefore not run a
+    collective per batch (the rank with fewer batches would leave the others waiting forever): sum
+    the per-rank results (e.g. correct predictions and image counts) over the pass, then reduce once.
+    """
 
     def __init__(self, sizes: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1,
                  crop_fraction: float = 0.875) -> None:

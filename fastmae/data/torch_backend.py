@@ -10,7 +10,7 @@ process moves them to the device and normalises them there. With ``labels``, bat
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from fastmae.data.images import IMAGENET_MEAN, IMAGENET_STD, open_rgb
-from fastmae.data.sampling import EpochPlan
+from fastmae.data.loader import Batch
+from fastmae.data.sampling import EpochPlan, uniforms
 
 SampleKey = tuple[int, int, int, int, int, bool, int]  # (image id, left, top, width, height, flip, RandAugment seed)
 
@@ -113,10 +114,14 @@ class TorchBackend:
     def describe(self) -> str:
         return f"PIL decode on {self.num_workers} DataLoader workers" if self.num_workers else "PIL decode in-process"
 
-    def batches(self, epoch: int, batch: int) -> Iterator[torch.Tensor]:
+    def batches(self, epoch: int, batch: int) -> Generator[Batch, None, None]:
+        # The DataLoader draws its workers' base seed from its own generator, a function of the start
+        # (seed, epoch, batch), not from torch's global one: a resumed run's global stream is unchanged.
+        base_seed = int(uniforms(self.plan.seed, epoch, [batch], 1, stream=3)[0, 0] * 2**62)
         loader = DataLoader(self.dataset, batch_sampler=PlannedBatches(self.plan, epoch, batch),
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                            prefetch_factor=4 if self.num_workers else None)
+                            prefetch_factor=4 if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(base_seed))
         for batch in loader:  # (N, 3, S, S) uint8, or that and (N,) labels
             if self.dataset.labels is None:
                 yield normalize(batch.to(self.device, non_blocking=True), self.dtype)

@@ -6,7 +6,7 @@
 
 A crash mid-save leaves a ``.tmp`` file or a folder without the marker, which are ignored. Loading never
 unpickles arbitrary objects (``weights_only=True``) and falls back to the previous checkpoint when the newest
-file cannot be read.
+cannot be read or loaded (a damaged file, or a damaged shard of a sharded folder), every rank using the same one.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
+from fastmae.train.distributed import Ranks, all_ranks_agree
 from fastmae.train.faults import maybe_pause
 
 _NAME = re.compile(r"^ckpt-(\d{8})(\.pt)?$")
@@ -60,7 +62,7 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, write: Any) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """``write(file)`` into ``path.tmp``, fsync, rename to ``path``, fsync the folder."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -93,7 +95,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
 
-    def write(f: Any) -> None:
+    def write(f: BinaryIO) -> None:
         torch.save(state, f)
         f.flush()
         maybe_pause("pause_in_save", step, 0)
@@ -103,15 +105,48 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
     return final
 
 
-def load_latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable checkpoint ``(path, state)``, or ``None`` when there is none.
+class NoLoadableCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them could be loaded."""
+
+
+def load_latest_checkpoint(directory: str | os.PathLike, apply: Callable[[Path, dict[str, Any]], None] | None = None,
+                           ranks: Ranks | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest loadable checkpoint ``(path, state)``, or ``None`` when ``directory`` holds none.
 
     For a sharded folder, ``state`` is its ``extra.pt`` (everything but the model and optimiser, which
-    ``fastmae.train.sharded.load_sharded`` reads into the live modules)."""
-    for path in reversed(list_checkpoints(directory)):
+    ``fastmae.train.sharded.load_sharded`` reads into the live modules). ``apply(path, state)`` loads it into the
+    run (model, optimiser, training state); a checkpoint whose state file or ``apply`` raises is skipped with a
+    warning naming it, and the one before is tried. Given ``ranks`` (distributed), this is a collective: the ranks
+    agree on each read and each ``apply`` (an all-reduce of a success flag), so they all load the same checkpoint
+    and enter ``apply``'s collectives together. Raises ``NoLoadableCheckpointError`` when ``apply`` was tried and
+    failed on every readable checkpoint (it may have half-loaded the live modules, so starting afresh would be
+    wrong); when no state file could be read at all, the result is ``None``.
+    """
+    def agreed(ok: bool) -> bool:
+        return ok if ranks is None else all_ranks_agree(ok, ranks)
+
+    applied_any = False
+    found = list_checkpoints(directory)
+    for path in reversed(found):
+        state, error = None, None
         try:
-            return path, torch.load(path / EXTRA_STATE if path.is_dir() else path, map_location="cpu",
-                                    weights_only=True)
-        except Exception as exc:  # a damaged file: say so and use the one before
-            warnings.warn(f"skipping unreadable checkpoint {path}: {exc}", stacklevel=2)
+            state = torch.load(path / EXTRA_STATE if path.is_dir() else path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged file
+            error = exc
+        readable = agreed(error is None)
+        if readable and apply is None:
+            return path, state
+        if readable:
+            applied_any = True
+            try:
+                apply(path, state)
+            except Exception as exc:  # a damaged shard, or state that does not fit this run
+                error = exc
+            if agreed(error is None):
+                return path, state
+        reason = f": {error}" if error is not None else ": another rank could not load it"
+        warnings.warn(f"skipping unreadable checkpoint {path}{reason}", stacklevel=2)
+    if applied_any:
+        raise NoLoadableCheckpointError(f"none of the {len(found)} checkpoints in {directory} could be loaded (see "
+                                        "the warnings); move them away to start afresh")
     return None

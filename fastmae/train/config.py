@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +14,7 @@ from fastmae.model import PRESETS
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LOADERS = ("auto", "dali", "torch")  # fastmae.data.pretrain_loader backends
 BAD_FILE_POLICIES = ("error", "skip")  # fastmae.data.bad_files
+BAD_FILE_CHECKS = ("header", "decode")  # fastmae.data.bad_files.CHECKS
 PARALLEL_MODES = ("ddp", "fsdp")
 
 
@@ -55,6 +58,8 @@ class PretrainConfig:
     num_workers: int = 2
     loader: str = "auto"  # dali, torch, or auto: DALI when installed
     on_bad_file: str = "error"  # error: stop at a bad image file, naming it; skip: leave bad files out
+    max_skip_fraction: float = 0.01  # on_bad_file="skip": stop when more than this fraction of files is bad
+    bad_file_check: str = "header"  # header: header and tail of each file; decode: also decode each file
     parallel: str = "ddp"  # how several ranks (torchrun) share the work; one process ignores it
     activation_checkpointing: bool = False
     compile: bool = False
@@ -63,6 +68,7 @@ class PretrainConfig:
     max_nonfinite: int = 10  # stop after this many consecutive steps with a non-finite loss or gradient
 
     def __post_init__(self) -> None:
+        self._check_types()
         defaults = DEMO_DEFAULTS if self.data is None else PAPER_DEFAULTS
         for key, value in defaults.items():
             if getattr(self, key) is None and not (key == "epochs" and self.steps is not None):
@@ -98,9 +104,33 @@ class PretrainConfig:
             raise ValueError(f"loader must be one of {list(LOADERS)}, got {self.loader!r}")
         if self.on_bad_file not in BAD_FILE_POLICIES:
             raise ValueError(f"on_bad_file must be one of {list(BAD_FILE_POLICIES)}, got {self.on_bad_file!r}")
+        if not 0.0 <= self.max_skip_fraction < 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1), got {self.max_skip_fraction}")
+        if self.bad_file_check not in BAD_FILE_CHECKS:
+            raise ValueError(f"bad_file_check must be one of {list(BAD_FILE_CHECKS)}, got {self.bad_file_check!r}")
+
+    def _check_types(self) -> None:
+        """Each value against its field's type (``int``, ``float``, ``bool``, ``str``, optionally ``None``), so that
+        a config file's ``batch_size = "8"`` is named here rather than failing in a comparison; an int given for a
+        float setting becomes a float."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            hint = hints[f.name]
+            allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            if value is None and type(None) in allowed:
+                continue
+            kind = next(t for t in allowed if t is not type(None))
+            if kind is float and type(value) is int:
+                setattr(self, f.name, float(value))
+            elif type(value) is not kind:  # exact: True is no int here
+                expected = kind.__name__ + (" or None" if type(None) in allowed else "")
+                raise TypeError(f"config key {f.name} must be {expected}, got {value!r} ({type(value).__name__})")
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainConfig:
+        """The config of ``values`` (a config file's keys); unknown keys raise ``ValueError``, wrongly typed values
+        ``TypeError``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -70,6 +70,15 @@ def barrier(ranks: Ranks) -> None:
         dist.barrier(group=ranks.control)
 
 
+def all_ranks_agree(ok: bool, ranks: Ranks) -> bool:
+    """Whether ``ok`` holds on every rank (collective when distributed: a host all-reduce on the gloo group)."""
+    if not ranks.distributed:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=ranks.control)
+    return bool(flag.item())
+
+
 def _blocks(model: MaskedAutoencoderViT) -> list[nn.Module]:
     return [*model.blocks, *model.decoder_blocks]
 

@@ -5,6 +5,7 @@ steps from 1, as ``metrics.jsonl`` and checkpoint names do; no rank means every 
 
 - ``nan@S:R``: from step ``S`` on, rank ``R``'s loss is NaN;
 - ``signal@S:R``: rank ``R`` sends itself SIGUSR1 during step ``S`` (a preemption notice);
+- ``sigterm@S:R``: the same with SIGTERM (what a scheduler sends a single process before killing it);
 - ``pause_in_save@S``: the save of step ``S`` stops after writing its data and before committing it;
 - ``pause_after_save@S``: the run stops after committing checkpoint ``S``.
 
@@ -23,7 +24,7 @@ from functools import cache
 
 import torch
 
-KINDS = ("nan", "signal", "pause_in_save", "pause_after_save")
+KINDS = ("nan", "signal", "sigterm", "pause_in_save", "pause_after_save")
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,10 @@ def poison_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
 
 
 def maybe_signal(step: int, rank: int) -> None:
-    if _active("signal", step, rank):
-        os.kill(os.getpid(), signal.SIGUSR1)
+    """Send this process the preemption signal a ``signal`` (SIGUSR1) or ``sigterm`` fault names for ``step``."""
+    for kind, sig in (("signal", signal.SIGUSR1), ("sigterm", signal.SIGTERM)):
+        if _active(kind, step, rank):
+            os.kill(os.getpid(), sig)
 
 
 def maybe_pause(kind: str, step: int, rank: int) -> None:

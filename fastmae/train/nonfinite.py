@@ -6,7 +6,9 @@ Each step, every rank writes whether its loss and its gradients are finite into 
 ``(2, world_size)`` device tensor, and one all-reduce gives every rank every rank's flags: the ranks take the
 same decision and none waits for another. The optimiser skips on the device when it can (torch's fused AdamW
 takes a ``found_inf`` tensor, as ``GradScaler`` uses); the counters stay on the device and are read at log
-intervals and before saves, so no step syncs the host for this.
+intervals and before saves. Other optimisers (apex's FusedAdam, torch's foreach AdamW) have no device-side skip,
+so with them (fp16 aside, where ``GradScaler`` decides) each step reads the skip flag on the host:
+:func:`skip_syncs_host` says when, and ``fastmae pretrain`` says so in its log line naming the optimizer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ class NonFiniteError(RuntimeError):
 
 
 class NonFiniteGuard:
+    """Counts steps with a non-finite loss or gradients on any rank, on the device.
+
+    :meth:`check` (every step, on every rank) returns the agreed skip flag and updates the ``consecutive`` and
+    ``skipped`` counters (int64 device scalars) without syncing the host; :meth:`raise_if_exhausted` (at log
+    intervals and before saves) raises ``NonFiniteError`` once ``max_consecutive`` steps in a row were bad.
+    """
+
     def __init__(self, ranks: Ranks, max_consecutive: int) -> None:
         self.ranks = ranks
         self.max_consecutive = max_consecutive
@@ -70,12 +79,26 @@ class NonFiniteGuard:
         return int(self.skipped.item())
 
 
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """torch's fused Adam/AdamW: its step reads a ``found_inf`` device tensor (apex's FusedAdam has no such input)."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+
+
+def skip_syncs_host(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    """Whether :func:`optimizer_step` reads the skip flag on the host every step (a device sync on CUDA)."""
+    return not scaler.is_enabled() and not _skips_on_device(optimizer)
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip: torch.Tensor) -> None:
-    """Step unless ``skip``; with fp16 the ``GradScaler`` decides (it skips steps with inf/NaN gradients)."""
+    """Step unless ``skip``; with fp16 the ``GradScaler`` decides (it skips steps with inf/NaN gradients).
+
+    torch's fused AdamW skips on the device. Any other optimizer (apex's FusedAdam, a foreach AdamW) has no
+    device-side skip, so ``skip`` is read with ``.item()``: a host sync per step (see :func:`skip_syncs_host`).
+    """
     if scaler.is_enabled():
         scaler.step(optimizer)
         scaler.update()
-    elif optimizer.defaults.get("fused"):
+    elif _skips_on_device(optimizer):
         optimizer.found_inf = skip.float()  # fused AdamW skips the update on the device
         optimizer.step()
         del optimizer.found_inf

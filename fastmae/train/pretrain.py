@@ -28,14 +28,14 @@ from fastmae.data.demo import demo_dataset
 from fastmae.data.eval_transform import ImageFiles, eval_transform
 from fastmae.data.loader import pretrain_loader
 from fastmae.model import PRESETS, MaskedAutoencoderViT
-from fastmae.train.checkpoint import load_latest_checkpoint, prune_checkpoints, save_checkpoint
+from fastmae.train.checkpoint import list_checkpoints, load_latest_checkpoint, prune_checkpoints, save_checkpoint
 from fastmae.train.config import PRECISIONS, PretrainConfig
 from fastmae.train.distributed import (Ranks, add_activation_checkpointing, barrier, close_ranks, gradient_sync,
                                        init_ranks, wrap_model)
 from fastmae.train.faults import maybe_pause, maybe_signal, poison_loss
 from fastmae.train.figure import save_reconstruction_figure
 from fastmae.train.masks import mask_noise
-from fastmae.train.nonfinite import NonFiniteError, NonFiniteGuard, optimizer_step
+from fastmae.train.nonfinite import NonFiniteError, NonFiniteGuard, optimizer_step, skip_syncs_host
 from fastmae.train.optim import build_optimizer, choose_optimizer, lr_at
 from fastmae.train.preemption import PreemptionWatch
 from fastmae.train.run_log import RunLog
@@ -45,6 +45,15 @@ from fastmae.train.state import restore_training_state, training_state
 
 @dataclass
 class PretrainSummary:
+    """What :func:`pretrain` did.
+
+    ``steps``: the step the run stopped at (counted from the start, resumed steps included); ``first_loss`` and
+    ``final_loss``: the first and last logged loss of this invocation (NaN when it logged none);
+    ``img_per_s``: this invocation's training throughput over all ranks (saves excluded); ``output``: the output
+    folder; ``status``: "complete", or "preempted" after SIGTERM/SIGUSR1 and its checkpoint; ``skipped_steps``:
+    non-finite steps skipped since the run began (a resumed run's count included).
+    """
+
     steps: int
     first_loss: float
     final_loss: float
@@ -100,7 +109,8 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, watch: PreemptionWatch, progres
     loader = pretrain_loader(data_root, cfg.batch_size, cfg.img_size, device=device,
                              dtype=param_dtype if fsdp else torch.float32, seed=cfg.seed, rank=ranks.rank,
                              world_size=ranks.world_size, num_workers=cfg.num_workers, backend=cfg.loader,
-                             on_bad_file=cfg.on_bad_file)
+                             on_bad_file=cfg.on_bad_file, max_skip_fraction=cfg.max_skip_fraction,
+                             check=cfg.bad_file_check)
     if ranks.is_main:
         print(f"fastmae pretrain: data: {loader.describe()}", flush=True)
     steps_per_epoch = len(loader) // cfg.accum
@@ -130,25 +140,31 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, watch: PreemptionWatch, progres
     guard = NonFiniteGuard(ranks, cfg.max_nonfinite)
     torch.manual_seed(cfg.seed + ranks.rank)  # each rank its own stream from here on
     if ranks.is_main:
+        choice = choose_optimizer(device)
+        sync_note = (f"; host sync per step for the non-finite check with {choice.name}"
+                     if skip_syncs_host(optimizer, scaler) else "")
         print(f"fastmae pretrain: {ranks.world_size} rank(s) ({cfg.parallel if ranks.distributed else 'one process'})"
-              f" on {device.type}, {precision}, optimizer {choose_optimizer(device)}", flush=True)
+              f" on {device.type}, {precision}, optimizer {choice}{sync_note}", flush=True)
 
-    step = 0
     checkpoints = out / "checkpoints"
-    resumed = load_latest_checkpoint(checkpoints)
-    if resumed is not None:
-        path, state = resumed
+    newest = list_checkpoints(checkpoints)[-1:]
+    if fsdp and newest and newest[0].is_file():
+        raise ValueError(f"{newest[0]} is a one-file checkpoint (one process or DDP); resume it with parallel='ddp'")
+    step = 0
+
+    def resume(path: Path, state: dict) -> None:
+        nonlocal step
         if path.is_dir():
             load_sharded(path, model, optimizer)
-        elif fsdp:
-            raise ValueError(f"{path} is a one-file checkpoint (one process or DDP); resume it with parallel='ddp'")
         else:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         step = restore_training_state(state, scaler, loader, ranks)
         guard.skipped.fill_(state["skipped_steps"])
-        if ranks.is_main:
-            print(f"fastmae pretrain: resuming from {path} (step {step})", flush=True)
+
+    resumed = load_latest_checkpoint(checkpoints, resume, ranks)
+    if resumed is not None and ranks.is_main:
+        print(f"fastmae pretrain: resuming from {resumed[0]} (step {step})", flush=True)
 
     log = RunLog(out, ranks, step, total_steps, images_per_step, progress)
 

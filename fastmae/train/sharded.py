@@ -107,7 +107,15 @@ def save_sharded(directory: Path, step: int, model: nn.Module, optimizer: torch.
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Read the model and optimiser state of the checkpoint folder ``path`` into ``model`` and ``optimizer``,
-    resharded for however many ranks run now (collective when distributed)."""
+    resharded for however many ranks run now (collective when distributed).
+
+    A damaged shard raises ``RuntimeError`` on every rank (DCP's ``CheckpointException``, a ``BaseException``
+    carrying every failing rank's traceback, becomes one line per failing rank)."""
     state = _app_state(model, optimizer)
-    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    except dcp.CheckpointException as exc:
+        failures = "; ".join(f"rank {rank}: " + ": ".join([type(error).__name__, *str(error).splitlines()[:1]])
+                             for rank, (error, _) in exc.failures.items())
+        raise RuntimeError(f"cannot read the shards of {path}: {failures}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
