@@ -177,12 +177,14 @@ def cmd_info() -> int:
     print(f"GPU: {gpu}")
     print(f"fastmae._C: {extension_status()[1]}")
     rows = backend_table()
-    width = max(len(op) for op, _, _, _ in rows)
+    width = max(len(row[0]) for row in rows)
     print(f"\n{'op':<{width}}  backend    status")
-    for op, backend, reason, auto_devices in rows:
+    for op, backend, reason, auto_devices, auto_when in rows:
         status = "available" if reason is None else "unavailable: " + reason
         if reason is None and auto_devices is not None:
             status += f" (chosen automatically for {'/'.join(auto_devices)} tensors, elsewhere only when named)"
+        if reason is None and auto_when is not None:
+            status += f"; by priority {auto_when}"
         print(f"{op:<{width}}  {backend:<9}  {status}")
     return 0
 

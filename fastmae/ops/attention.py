@@ -77,9 +77,11 @@ def _triton(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _triton_measured_faster(qkv: torch.Tensor, num_heads: int) -> bool:
-    """Where the priority list picks triton over SDPA: short rows of at most 64 keys x 64 dims (the ViT-B/L
-    encoder, S = 50, Dh = 64), where forward + backward measured 2.9x faster than SDPA's fastest kernel
-    (memory-efficient) on an H200; at the decoder's S = 197 cuDNN's SDPA measured 15% faster (bench/results/)."""
+    """at S <= 64 and head dim <= 64 only (the ViT-B/L encoder), where it measured fastest
+
+    At the ViT-B/L encoder's S = 50, Dh = 64, forward + backward measured 2.9x faster than SDPA's fastest
+    kernel (memory-efficient) on an H200; at the decoder's S = 197 cuDNN's SDPA measured 15% faster
+    (bench/results/nvidia-h200-attention.csv)."""
     seq, head_dim = int(qkv.shape[1]), int(qkv.shape[-1]) // (3 * num_heads)
     return seq <= 64 and head_dim <= 64
 

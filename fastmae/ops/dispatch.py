@@ -214,6 +214,9 @@ def use_backend(name: str | None = None, **per_op: str) -> Iterator[None]:
         _context_stack.pop()
 
 
-def backend_table() -> list[tuple[str, str, str | None, tuple[str, ...] | None]]:
-    """``(op, backend, None or why not, auto_devices)`` for every op and backend on this machine."""
-    return [(op.name, b.name, _cached_availability(b.key), b.auto_devices) for op in OPS.values() for b in op.backends]
+def backend_table() -> list[tuple[str, str, str | None, tuple[str, ...] | None, str | None]]:
+    """``(op, backend, None or why not, auto_devices, auto_when's summary or None)`` for every op and backend
+    on this machine; the summary is the first line of ``auto_when``'s docstring."""
+    return [(op.name, b.name, _cached_availability(b.key), b.auto_devices,
+             None if b.auto_when is None else (b.auto_when.__doc__ or b.auto_when.__name__).strip().splitlines()[0])
+            for op in OPS.values() for b in op.backends]
