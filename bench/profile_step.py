@@ -56,7 +56,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--variants", default="default,attention=torch,attention=triton,attention=xformers,layer_norm=torch,linear_gelu=triton,reference")
+    parser.add_argument("--variants", default=",".join([
+        "default", "attention=torch", "attention=triton", "attention=xformers", "layer_norm=triton",
+        "linear_gelu=triton", "reference"]))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -6,9 +6,9 @@ Each row's ``extra_info`` holds ``op``, ``backend``, ``device``, ``dtype``, ``ba
 op must move at least (formula in ``min_bytes``) and the resulting ``GB/s``, to be compared with the
 device's measured copy bandwidth (the ``copy`` row). On a GPU, ``GB/s`` comes from the kernels' GPU time
 (``gpu_us``, bench/gpu_time.py: launches queued behind a sleep kernel, so Python and launch latency are
-not counted) and ``GB/s_wall`` from the benchmark's wall-clock mean; on CPU both are wall clock. ``linear_gelu`` runs at ViT-L's encoder MLP shape
-(``N * 50`` rows, 1024 -> 4096) and is timed forward + backward; its bytes are the bias + GELU pass's, and
-``matmul_TFLOP/s`` rates its three GEMMs. Without a GPU this times the CPU paths (Triton
+not counted) and ``GB/s_wall`` from the benchmark's wall-clock mean; on CPU both are wall clock.
+``linear_gelu`` runs at ViT-L's encoder MLP shape (``N * 50`` rows, 1024 -> 4096) and is timed forward +
+backward; its bytes are the bias + GELU pass's, and ``matmul_TFLOP/s`` rates its three GEMMs. Without a GPU this times the CPU paths (Triton
 backends are not timed under the interpreter); GPU rows come from a GPU run.
 """
 

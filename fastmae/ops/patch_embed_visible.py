@@ -58,7 +58,8 @@ def _triton(
 PATCH_EMBED_VISIBLE = Op(
     "patch_embed_visible",
     [
-        Backend("triton", _triton, available=kernel_module_available("patch_embed_visible"), supports=_triton_supports, auto_devices=("cuda",)),
+        Backend("triton", _triton, available=kernel_module_available("patch_embed_visible"),
+                supports=_triton_supports, auto_devices=("cuda",)),
         Backend("reference", patch_embed_visible_reference),
     ],
 )
