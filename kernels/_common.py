@@ -22,6 +22,12 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` ("cuda" or "cpu"; False for any other, e.g. "meta"). Not
+    through ``torch.amp.is_autocast_available``, which torch 2.11's dynamo cannot trace."""
+    return device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+
+
 def wrap_triton(kernel: Callable) -> Callable:
     """``torch.library.wrap_triton(kernel)`` for launching ``kernel`` inside a ``triton_op``; under the
     interpreter, where ``@triton.jit`` gives an ``InterpretedFunction`` (not a ``JITFunction``), the kernel

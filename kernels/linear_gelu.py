@@ -13,9 +13,9 @@ of ``h`` and its slice of the bias, computes ``z = h + b`` and ``gelu(z) = z * P
 Backward, grid ``(G, cdiv(F, BLOCK_F))``: program ``(p, c)`` walks its ``rows_per_program`` rows of
 column block ``c``, ``BLOCK_R`` rows at a time: ``dz = g * (Phi(z) + z * phi(z))`` (``phi`` the normal
 density), stores ``dh = dz`` in h's dtype and adds ``dz`` into an fp32 register tile; at the end it
-stores that tile's column sums as row ``p`` of ``partial (G, F)`` fp32. A second kernel, grid
-``(cdiv(F, RED_BLOCK_F),)``, adds the ``G`` partial rows in a fixed order into ``grad_bias`` (no
-atomics: bit-identical run to run). The bias gradient is the sum of the fp32 ``dz``, before ``dh`` is
+stores that tile's column sums as row ``p`` of ``partial (G, F)`` fp32. A second kernel
+(kernels/_column_sum.py), grid ``(cdiv(F, RED_BLOCK_F),)``, adds the ``G`` partial rows in a fixed
+order into ``grad_bias`` (no atomics: bit-identical run to run). The bias gradient is the sum of the fp32 ``dz``, before ``dh`` is
 rounded, as autograd computes it through the fp32 reference. cuBLAS then takes ``dh`` for the
 gradients of ``x`` and ``W``.
 
@@ -52,6 +52,8 @@ import triton
 import triton.language as tl
 
 from fastmae.kernels._common import interpreter_on, wrap_triton
+from fastmae.kernels._column_sum import SIGNATURE as COLUMN_SUM_SIGNATURE
+from fastmae.kernels._column_sum import column_sum, column_sum_kernel
 from fastmae.kernels.aot import AotKernel
 
 GPU_BLOCK_F = 256  # columns per tile on a GPU
@@ -124,25 +126,6 @@ def _bias_gelu_bwd_kernel(
     tl.store(partial_ptr + pid * dim + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
-@triton.jit
-def _bias_gelu_bias_grad_kernel(
-    partial_ptr,  # (G, F) fp32
-    db_ptr,  # (F,) the bias's dtype
-    num_partials,  # G
-    dim,  # F
-    BLOCK_P: tl.constexpr,
-    BLOCK_F: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)  # (BLOCK_F,)
-    col_ok = cols < dim
-    acc = tl.zeros([BLOCK_P, BLOCK_F], dtype=tl.float32)
-    for start in range(0, num_partials, BLOCK_P):
-        parts = start + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
-        ok = (parts < num_partials)[:, None] & col_ok[None, :]
-        acc += tl.load(partial_ptr + parts[:, None] * dim + cols[None, :], mask=ok, other=0.0)
-    tl.store(db_ptr + cols, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=col_ok)
-
-
 def _blocks(dim: int, tile: int, max_block_f: int, per_thread: int) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_F, num_warps)`` for rows of ``dim`` features, a tile of ``tile`` elements at most
     ``max_block_f`` wide and about ``per_thread`` tile elements per thread (4 to 8 warps)."""
@@ -207,8 +190,7 @@ def bias_gelu_backward_op(grad: torch.Tensor, x: torch.Tensor,
         wrap_triton(_bias_gelu_bwd_kernel)[(programs, col_blocks)](
             grad, x, bias, grad_x, partial, num_rows, dim, rows_per_program,
             BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps)
-    wrap_triton(_bias_gelu_bias_grad_kernel)[(triton.cdiv(dim, RED_BLOCK_F),)](
-        partial, grad_bias, programs, dim, BLOCK_P=RED_BLOCK_P, BLOCK_F=RED_BLOCK_F)
+    column_sum(partial, grad_bias, programs, dim, RED_BLOCK_P, RED_BLOCK_F)
     return grad_x, grad_bias
 
 
@@ -238,8 +220,6 @@ _SIG_FWD = {"x_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "out_ptr": "*{dtype}", 
 _SIG_BWD = {"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "dx_ptr": "*{dtype}",
             "partial_ptr": "*fp32", "num_rows": "i32", "dim": "i32", "rows_per_program": "i32",
             "BLOCK_R": "constexpr", "BLOCK_F": "constexpr"}
-_SIG_RED = {"partial_ptr": "*fp32", "db_ptr": "*{dtype}", "num_partials": "i32", "dim": "i32",
-            "BLOCK_P": "constexpr", "BLOCK_F": "constexpr"}
 
 
 def _aot() -> list[AotKernel]:
@@ -254,8 +234,9 @@ def _aot() -> list[AotKernel]:
                       constexprs={"BLOCK_R": fwd_r, "BLOCK_F": block_f}, num_warps=fwd_warps, label=label),
             AotKernel(fn=_bias_gelu_bwd_kernel, signature={**_SIG_BWD, "bias_ptr": bias_type},
                       constexprs={"BLOCK_R": bwd_r, "BLOCK_F": block_f}, num_warps=bwd_warps, label=label),
-            AotKernel(fn=_bias_gelu_bias_grad_kernel, signature={**_SIG_RED, "db_ptr": bias_type},
-                      constexprs={"BLOCK_P": RED_BLOCK_P, "BLOCK_F": RED_BLOCK_F}, num_warps=4, label=label),
+            AotKernel(fn=column_sum_kernel, signature={**COLUMN_SUM_SIGNATURE, "out_ptr": bias_type},
+                      constexprs={"BLOCK_P": RED_BLOCK_P, "BLOCK_D": RED_BLOCK_F}, num_warps=4,
+                      label=f"bias-{label}" if label else "bias"),
         ]
     return kernels
 

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from fastmae.kernels._common import interpreter_on, wrap_triton
+from fastmae.kernels._common import autocast_enabled, interpreter_on, wrap_triton
 from fastmae.kernels.aot import AotKernel
 
 # Tiles: zero register spills on sm_80/sm_90 in bf16/fp16 even without the JIT's alignment hints
@@ -236,7 +236,7 @@ def patch_embed_visible_triton(
     """Same arguments and result as ``patch_embed_visible_reference``: ``(N, C, H, W)``, ``(N, K)``,
     ``(D, C, p, p)``, ``(D,)``, ``(1, L+1, D)`` -> ``(N, K, D)``. Gradients for weight and bias only."""
     device_type = imgs.device.type
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         # what autocast does to F.linear's inputs (pos_embed is not one of them)
         dtype = torch.get_autocast_dtype(device_type)
         imgs, weight, bias = imgs.to(dtype), weight.to(dtype), bias.to(dtype)

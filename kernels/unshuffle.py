@@ -12,8 +12,9 @@ Backward, grid ``(cdiv(L+1, ROW_ITERS*BLOCK_R), cdiv(Dd, BLOCK_D), N)``: one pro
 row tiles of the upstream gradient ``g``, scatters the kept rows (and cls) to ``grad_x`` -- each row of
 ``grad_x`` is written once because ``ids_restore`` is a permutation of ``0..L-1`` (as
 ``random_masking`` makes it), so no atomics -- and sums the removed rows into one fp32 partial row
-``partial[n, chunk]``. A second kernel, grid ``(cdiv(Dd, min(Dd, 32)),)``, adds the
-``N * num_chunks`` partial rows in a fixed order: the mask-token gradient is bit-identical run to run.
+``partial[n, chunk]``. A second kernel (kernels/_column_sum.py), grid ``(cdiv(Dd, min(Dd, 32)),)``,
+adds the ``N * num_chunks`` partial rows in a fixed order: the mask-token gradient is bit-identical run
+to run.
 
 Bytes moved per call (``e_x``, ``e_t``, ``e_p``, ``e_o``: element sizes of x, mask_token, pos, output;
 ``e_i`` of ids_restore; ``C = cdiv(L+1, ROW_ITERS*BLOCK_R)`` chunks per sample):
@@ -41,6 +42,8 @@ import triton
 import triton.language as tl
 
 from fastmae.kernels._common import wrap_triton
+from fastmae.kernels._column_sum import SIGNATURE as COLUMN_SUM_SIGNATURE
+from fastmae.kernels._column_sum import column_sum, column_sum_kernel
 from fastmae.kernels.aot import AotKernel
 
 TILE = 2048  # elements per (rows x columns) tile: 16 per thread at 4 warps
@@ -116,25 +119,6 @@ def _unshuffle_bwd_kernel(
     tl.store(partial_ptr + (n * num_chunks + chunk) * dd + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
-@triton.jit
-def _mask_token_grad_kernel(
-    partial_ptr,  # (P, Dd) fp32, P = N*C
-    out_ptr,  # (1, 1, Dd) grad wrt mask_token
-    num_partials,  # P
-    dd,  # Dd
-    BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    col_ok = cols < dd
-    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    for start in range(0, num_partials, BLOCK_P):
-        rows = start + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
-        acc += tl.load(partial_ptr + rows[:, None] * dd + cols[None, :],
-                       mask=(rows < num_partials)[:, None] & col_ok[None, :], other=0.0)
-    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
-
-
 def _blocks(num_rows: int, dd: int) -> tuple[int, int]:
     """``(BLOCK_R, BLOCK_D)`` for ``num_rows`` rows of width ``dd``: a tile of at most ``TILE`` elements."""
     block_d = min(triton.next_power_of_2(dd), MAX_BLOCK_D)
@@ -178,8 +162,7 @@ def unshuffle_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor, num_kee
         grad, ids_restore, grad_x, partial, num_keep, rows - 1, dd, num_chunks,
         BLOCK_R=block_r, BLOCK_D=block_d, ROW_ITERS=row_iters)
     red_block_d = min(triton.next_power_of_2(dd), RED_MAX_BLOCK_D)
-    wrap_triton(_mask_token_grad_kernel)[(triton.cdiv(dd, red_block_d),)](
-        partial, grad_tok, n * num_chunks, dd, BLOCK_P=RED_BLOCK_P, BLOCK_D=red_block_d)
+    column_sum(partial, grad_tok, n * num_chunks, dd, RED_BLOCK_P, red_block_d)  # (N*C, Dd) -> (Dd,)
     return grad_x, grad_tok
 
 
@@ -215,8 +198,6 @@ _SIG_FWD = {"x_ptr": "*{dtype}", "ids_ptr": "*i64", "tok_ptr": "*{dtype}", "pos_
 _SIG_BWD = {"g_ptr": "*{dtype}", "ids_ptr": "*i64", "gx_ptr": "*{dtype}", "partial_ptr": "*fp32",
             "num_keep": "i32", "num_patches": "i32", "dd": "i32", "num_chunks": "i32",
             "BLOCK_R": "constexpr", "BLOCK_D": "constexpr", "ROW_ITERS": "constexpr"}
-_SIG_RED = {"partial_ptr": "*fp32", "out_ptr": "*{dtype}", "num_partials": "i32", "dd": "i32",
-            "BLOCK_P": "constexpr", "BLOCK_D": "constexpr"}
 # MAE's 512-wide decoder (L+1 = 197 or 257) gives BLOCK_R=8, BLOCK_D=256, ROW_ITERS=8.
 _FWD_BLOCKS = dict(zip(("BLOCK_R", "BLOCK_D"), _blocks(197, 512)))
 _BWD_BLOCKS = {**_FWD_BLOCKS, "ROW_ITERS": max(1, CHUNK_ROWS // _FWD_BLOCKS["BLOCK_R"])}
@@ -229,7 +210,7 @@ AOT_KERNELS = [
     AotKernel(fn=_unshuffle_bwd_kernel, signature=_SIG_BWD, constexprs=_BWD_BLOCKS, label="Dd512"),
     AotKernel(fn=_unshuffle_bwd_kernel, constexprs=_BWD_BLOCKS, label="Dd512-autocast",
               signature={**_SIG_BWD, "g_ptr": "*fp32"}),
-    AotKernel(fn=_mask_token_grad_kernel, signature=_SIG_RED, constexprs=_RED_BLOCKS, label="Dd512"),
-    AotKernel(fn=_mask_token_grad_kernel, signature={**_SIG_RED, "out_ptr": "*fp32"}, constexprs=_RED_BLOCKS,
-              label="Dd512-autocast"),
+    AotKernel(fn=column_sum_kernel, signature=COLUMN_SUM_SIGNATURE, constexprs=_RED_BLOCKS, label="Dd512"),
+    AotKernel(fn=column_sum_kernel, signature={**COLUMN_SUM_SIGNATURE, "out_ptr": "*fp32"},
+              constexprs=_RED_BLOCKS, label="Dd512-autocast"),
 ]

@@ -5,19 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastmae.kernels._common import kernel_module_available, triton_why_not
+from fastmae.kernels._common import autocast_enabled, kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_same_device, check_tensor
 from fastmae.ops.dispatch import Backend, Op
-
-
-def _autocast_on(x: torch.Tensor) -> bool:
-    return x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
     """What ``nn.Linear`` + ``F.gelu`` give: the autocast dtype under autocast (F.linear runs in it and GELU
     keeps it), else x's dtype."""
-    return torch.get_autocast_dtype(x.device.type) if _autocast_on(x) else x.dtype
+    return torch.get_autocast_dtype(x.device.type) if autocast_enabled(x.device.type) else x.dtype
 
 
 def linear_gelu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -78,7 +74,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
     check_tensor("weight", weight, ndim=2, floating=True, shape=(None, x.shape[-1]))
     check_tensor("bias", bias, ndim=1, floating=True, shape=(weight.shape[0],))
     check_same_device(x=x, weight=weight, bias=bias)
-    if not _autocast_on(x) and not x.dtype == weight.dtype == bias.dtype:
+    if not autocast_enabled(x.device.type) and not x.dtype == weight.dtype == bias.dtype:
         raise TypeError(f"x, weight and bias must share a dtype outside autocast (as for F.linear), got "
                         f"{x.dtype}, {weight.dtype}, {bias.dtype}")
     return LINEAR_GELU(x, weight, bias, backend=backend)

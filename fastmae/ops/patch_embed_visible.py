@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastmae.kernels._common import kernel_module_available, triton_why_not
+from fastmae.kernels._common import autocast_enabled, kernel_module_available, triton_why_not
 from fastmae.ops._checks import check_same_device, check_tensor
 from fastmae.ops.dispatch import Backend, Op
 
@@ -40,7 +40,7 @@ def _triton_supports(
     if torch.is_grad_enabled() and pos_embed.requires_grad:
         return "the triton backend gives no gradient for pos_embed (pos_embed.requires_grad is set)"
     device_type = imgs.device.type
-    autocast = device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+    autocast = autocast_enabled(device_type)
     if not autocast and not imgs.dtype == weight.dtype == bias.dtype:
         return (f"imgs, weight and bias must share a dtype outside autocast (as for F.linear), got "
                 f"{imgs.dtype}, {weight.dtype}, {bias.dtype}")
