@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # bench/device_check.sh OUT_DIR [STEPS...] -- the one prepared check for a lent GPU machine (no network).
-# STEPS picks from: build info gpu_tests profile ops_bench attention_bench e2e aot (default: all but aot,
-# which needs no GPU: `python -m fastmae.kernels.aot` runs anywhere).
+# STEPS picks from: build info gpu_tests profile ops_bench attention_tune attention_bench e2e aot (default: all
+# but attention_tune and aot; aot needs no GPU: `python -m fastmae.kernels.aot` runs anywhere).
 #
 # Runs, from the repository root: the environment report, the fastmae._C build (FASTMAE_BUILD_CUDA=1),
 # every test marked gpu (bf16/fp16 parity of the triton and cuda backends, opcheck on CUDA, torch.compile
 # with the triton backends; pytest-xdist with FASTMAE_CHECK_WORKERS processes), a profiled ViT-L step
-# (bench/profile_step.py), the op microbenchmarks with GB/s against the measured copy bandwidth, the
-# attention benchmark (TFLOP/s per backend at MAE's shapes), the end-to-end `fastmae bench` table with
-# its CSV and plots, and the AOT register report; everything is written under OUT_DIR and a short
-# summary is printed last.
+# (bench/profile_step.py), the op microbenchmarks with GB/s against the measured copy bandwidth, the Triton
+# attention's tiling sweep (bench/tune_attention.py; not run by default, its time not measured yet, and
+# --max-seconds 150 stops it starting further shapes), the attention benchmark (TFLOP/s per backend at
+# MAE's shapes), the end-to-end `fastmae bench` table with its CSV and plots, and the AOT register report;
+# everything is written under OUT_DIR and a short summary is printed last.
 # Each step has its own time limit, and all of them share FASTMAE_CHECK_SECONDS (default 470 s, so the
 # check and its summary end within 8 minutes; measured on an H200: build 50 s, gpu tests 75 s, profile
 # 35 s, op and attention benchmarks 46 + 40 s, the ViT-L table 141 s). A failing step is reported and the
@@ -74,6 +75,8 @@ if wants ops_bench; then
     step ops_table 30 python bench/summarize_ops.py "$out/ops_bench.json" --csv "$out/ops_bench.csv"
   fi
 fi
+wants attention_tune && step attention_tune 200 python bench/tune_attention.py --max-seconds 150 \
+  --csv "$out/attention_tuning.csv"
 wants attention_bench && step attention_bench 120 python -m pytest -q bench/test_bench_attention.py --benchmark-only \
   --benchmark-json "$out/attention_bench.json" -p no:cacheprovider
 if wants e2e; then  # the end-to-end table: cheap rows first; rows land in bench/results/<gpu>.csv as they finish

@@ -4,23 +4,30 @@
 q, k and v of head ``h`` are read with strides (no transposes, no copies); the output is written as
 ``(N, S, H*Dh)``, ready for the projection, and the gradient as ``d(qkv) (N, S, 3*H*Dh)``.
 
-Forward, grid ``(cdiv(S, BLOCK_M), N*H)``: S <= MAX_S, so a program holds the whole K and V of its
-head (``BLOCK_N = next_pow2(S)``) and ``BLOCK_M`` query rows (64; 16 at BLOCK_N = 512, where 32 spills):
-one fp32 score tile, an exact (not online) softmax in fp32, ``P @ V``, and the logsumexp
-``lse (N, H, S)`` fp32 saved for the backward. Head dims up to 128 (``BLOCK_D = next_pow2(Dh)``, 80
-with masked loads).
+Tiles in two parts. Triton tiles are powers of two; padding MAE's sizes to one would waste much of the
+work (ViT-H's S = 65 -> 128 and Dh = 80 -> 128: 3.2x the score FLOPs; S = 257 -> 512: 2x). So the keys
+and the head dim are each covered by a main tile and an optional smaller one (:func:`two_parts`):
+S 65 = 64 + 16, S 257 = 256 + 16, Dh 80 = 64 + 16 (S 50 -> 64, S 197 -> 256, Dh 32/64 stay one tile).
+Two head-dim parts make each product two ``tl.dot``s summed (q @ k^T) or two outputs (P @ V); two key
+parts give two score tiles whose softmax is still exact: one max and one sum over both.
 
-Backward, no atomics, two forms chosen by the tile ``BLOCK_N * BLOCK_D``:
-  * fused (tile <= 256*32: ViT-B/L's encoder, S <= 64 at Dh 64, and decoder, S <= 256 at Dh 32), grid
-    ``(N*H,)``: one program per head holds K, V, dK and dV and walks the queries ``BLOCK_M`` at a time
-    (32, or 16 for the larger tiles), recomputing ``P`` from the lse; each query block's row of ``P`` is
-    whole, so ``delta = rowsum(P * dP)`` (equal to ``rowsum(dO * O)``) needs neither O nor a pre-pass,
-    and dQ is written straight away. One launch, q/k/v/dO each read once.
-  * split (larger tiles: ViT-H's Dh 80 padded to 128, and S = 257 padded to 512), flash-attention-2's
-    three launches: ``delta = rowsum(dO * O)`` ``(N, H, S)``, grid ``(cdiv(S, 64), N*H)``; dK/dV, grid
-    ``(cdiv(S, 32), N*H)``, a program owns 32 keys and walks all queries 32 at a time; dQ, grid
-    ``(cdiv(S, 64), N*H)``, a program owns 64 queries (32 at Dh > 64) and walks all keys as many at a time.
-  Both write ``d(qkv)`` in the packed layout; tile sizes are the largest without spills on sm_80/sm_90.
+Forward, grid ``(cdiv(S, BLOCK_M), N*H)``: S <= MAX_S, so a program holds the whole K and V of its
+head and ``BLOCK_M`` query rows: the score tiles in fp32, an exact (not online) softmax in fp32,
+``P @ V``, and the logsumexp ``lse (N, H, S)`` fp32 saved for the backward.
+
+Backward, no atomics, two forms (:class:`AttentionPlan`):
+  * fused (small heads: ``keys * head dim`` up to 256*32), grid ``(N*H,)``: one program per head holds K,
+    V, dK and dV and walks the queries ``BLOCK_M`` at a time, recomputing ``P`` from the lse; each query
+    block's row of ``P`` is whole, so ``delta = rowsum(P * dP)`` (equal to ``rowsum(dO * O)``) needs
+    neither O nor a pre-pass, and dQ is written straight away. One launch, q/k/v/dO each read once.
+  * split (larger heads), flash-attention-2's three launches: ``delta = rowsum(dO * O)`` ``(N, H, S)``;
+    dK/dV, grid ``(cdiv(S, B), N*H)``, a program owns B keys and walks all queries B at a time; dQ, grid
+    ``(cdiv(S, B'), N*H)``, a program owns B' queries and walks all keys B' at a time. Keys come in
+    blocks here, so only the head dim is in parts.
+  Both write ``d(qkv)`` in the packed layout.
+
+:func:`default_plan` picks the tiles and warps (no spills on sm_80/sm_90 at MAE's shapes:
+``python -m fastmae.kernels.aot``); ``bench/tune_attention.py`` times the alternatives on a GPU.
 
 Matmuls accumulate in fp32; softmax, its statistics and the gradients' elementwise math are fp32.
 fp32 inputs use exact fp32 products (``input_precision="ieee"``). bf16/fp16 inputs on a GPU feed the
@@ -31,12 +38,14 @@ Bytes moved (``e``: element size of qkv; ``T = N*S*H*Dh``; ``c(b) = cdiv(S, b)``
   forward  = T*e (q) + c(BLOCK_M)*2*T*e (k, v per query block) + T*e (out) + 4*N*H*S (lse)
   fused backward = 4*T*e (q, k, v, dO) + 4*N*H*S (lse) + 3*T*e (dqkv)
   split backward = 2*T*e + 4*N*H*S (delta)
-             + 2*T*e + c(32)*(2*T*e + 8*N*H*S) + 2*T*e (dK/dV: k, v; q, dO, lse, delta per key block)
-             + 2*T*e + 8*N*H*S + c(64)*2*T*e + T*e (dQ: q, dO, stats; k, v per query block)
+             + 2*T*e + c(B)*(2*T*e + 8*N*H*S) + 2*T*e (dK/dV: k, v; q, dO, lse, delta per key block)
+             + 2*T*e + 8*N*H*S + c(B')*2*T*e + T*e (dQ: q, dO, stats; k, v per query block)
   (at MAE's S <= 257 the re-reads of one head's q/k/v/dO, <= 66 KB, hit L2.)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -45,12 +54,10 @@ import triton.language as tl
 from fastmae.kernels._common import interpreter_on, wrap_triton
 from fastmae.kernels.aot import AotKernel
 
-MAX_S = 512  # the whole K/V of a head in one tile
+MAX_S = 512  # the whole K/V of a head in the forward's tiles
 MAX_HEAD_DIM = 128
-FUSED_BWD_MAX_TILE = 256 * 32  # BLOCK_N * BLOCK_D up to which one program per head does the whole backward
+FUSED_BWD_MAX_TILE = 256 * 32  # keys * head dim (both padded) up to which the default backward is fused
 DELTA_BLOCK = 64  # split backward: rows per program of the delta preprocess
-DKDV_BLOCK = 32  # split backward: keys per dK/dV program, and queries per step of its loop
-DQ_BLOCK = 64  # split backward: queries per dQ program, and keys per step of its loop (32 at BLOCK_D 128)
 
 
 @triton.jit
@@ -62,6 +69,44 @@ def _dot(a, b, NATIVE: tl.constexpr):
     else:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return out
+
+
+@triton.jit
+def _load(ptr, rows, row_ok, row_stride, col0, num_cols, BLOCK_C: tl.constexpr):
+    """``(len(rows), BLOCK_C)`` tile: columns ``col0 .. col0 + BLOCK_C`` of the given rows of a matrix with unit
+    column stride, zero outside ``row_ok`` and past ``num_cols``."""
+    cols = col0 + tl.arange(0, BLOCK_C)
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :],
+                   mask=row_ok[:, None] & (cols < num_cols)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_parts(ptr, rows, row_ok, row_stride, num_cols, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The head-dim parts of the given rows: ``(len(rows), BLOCK_D)`` and ``(len(rows), BLOCK_E)`` tiles (the
+    second is the first again when BLOCK_E = 0, and then unused)."""
+    x0 = _load(ptr, rows, row_ok, row_stride, 0, num_cols, BLOCK_D)
+    x1 = x0
+    if BLOCK_E > 0:
+        x1 = _load(ptr, rows, row_ok, row_stride, BLOCK_D, num_cols, BLOCK_E)
+    return x0, x1
+
+
+@triton.jit
+def _store(ptr, x, rows, row_ok, row_stride, col0, num_cols, BLOCK_C: tl.constexpr):
+    """Writes the ``(len(rows), BLOCK_C)`` tile ``x`` where :func:`_load` reads, in ptr's dtype."""
+    cols = col0 + tl.arange(0, BLOCK_C)
+    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], x.to(ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < num_cols)[None, :])
+
+
+@triton.jit
+def _scores(a0, a1, b0, b1, BLOCK_E: tl.constexpr, NATIVE: tl.constexpr):
+    """``a @ b^T`` fp32 from the head-dim parts of both: ``a0 (R, BLOCK_D)``, ``b0 (C, BLOCK_D)`` and, when
+    BLOCK_E > 0, ``a1 (R, BLOCK_E)``, ``b1 (C, BLOCK_E)`` (ignored otherwise) -> ``(R, C)``."""
+    s = _dot(a0, tl.trans(b0), NATIVE)
+    if BLOCK_E > 0:
+        s += _dot(a1, tl.trans(b1), NATIVE)
+    return s
 
 
 @triton.jit
@@ -77,7 +122,9 @@ def _attention_fwd_kernel(
     scale,  # Dh ** -0.5
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -85,27 +132,42 @@ def _attention_fwd_kernel(
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
     width = num_heads * head_dim  # H*Dh
+    q_ptr = qkv_ptr + n * stride_n + h * head_dim
+    k_ptr = q_ptr + width
+    v_ptr = q_ptr + 2 * width
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
-    keys = tl.arange(0, BLOCK_N)  # (BLOCK_N,) all key positions
-    dims = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     row_ok = rows < seq
-    key_ok = keys < seq
-    dim_ok = dims < head_dim
-    base = qkv_ptr + n * stride_n + h * head_dim
-    q = tl.load(base + rows[:, None] * stride_s + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-    kv_offs = keys[:, None] * stride_s + dims[None, :]  # (BLOCK_N, BLOCK_D)
-    kv_ok = key_ok[:, None] & dim_ok[None, :]
-    k = tl.load(base + width + kv_offs, mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(base + 2 * width + kv_offs, mask=kv_ok, other=0.0)
-    s = _dot(q, tl.trans(k), NATIVE) * scale  # (BLOCK_M, BLOCK_N)
-    s = tl.where(key_ok[None, :], s, float("-inf"))
-    m = tl.max(s, axis=1)  # (BLOCK_M,)
-    p = tl.exp(s - m[:, None])
-    l = tl.sum(p, axis=1)  # (BLOCK_M,)
-    o = _dot(p, v, NATIVE) / l[:, None]  # (BLOCK_M, BLOCK_D)
-    out_offs = n * seq * width + rows[:, None] * width + h * head_dim + dims[None, :]
-    tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
+    keys0 = tl.arange(0, BLOCK_N)  # (BLOCK_N,) the main key tile
+    key0_ok = keys0 < seq
+    k00, k01 = _load_parts(k_ptr, keys0, key0_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
+    v00, v01 = _load_parts(v_ptr, keys0, key0_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
+    s0 = _scores(q0, q1, k00, k01, BLOCK_E, NATIVE) * scale
+    s0 = tl.where(key0_ok[None, :], s0, float("-inf"))  # (BLOCK_M, BLOCK_N)
+    m = tl.max(s0, axis=1)  # (BLOCK_M,)
+    if BLOCK_T > 0:
+        keys1 = BLOCK_N + tl.arange(0, BLOCK_T)  # (BLOCK_T,) the tail key tile
+        key1_ok = keys1 < seq
+        k10, k11 = _load_parts(k_ptr, keys1, key1_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_T, BLOCK_D|E)
+        v10, v11 = _load_parts(v_ptr, keys1, key1_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
+        s1 = _scores(q0, q1, k10, k11, BLOCK_E, NATIVE) * scale
+        s1 = tl.where(key1_ok[None, :], s1, float("-inf"))  # (BLOCK_M, BLOCK_T)
+        m = tl.maximum(m, tl.max(s1, axis=1))
+    p0 = tl.exp(s0 - m[:, None])
+    l = tl.sum(p0, axis=1)  # (BLOCK_M,)
+    o0 = _dot(p0, v00, NATIVE)  # (BLOCK_M, BLOCK_D)
+    if BLOCK_E > 0:
+        o1 = _dot(p0, v01, NATIVE)  # (BLOCK_M, BLOCK_E)
+    if BLOCK_T > 0:
+        p1 = tl.exp(s1 - m[:, None])
+        l += tl.sum(p1, axis=1)
+        o0 += _dot(p1, v10, NATIVE)
+        if BLOCK_E > 0:
+            o1 += _dot(p1, v11, NATIVE)
+    o_ptr = out_ptr + n * seq * width + h * head_dim
+    _store(o_ptr, o0 / l[:, None], rows, row_ok, width, 0, head_dim, BLOCK_D)
+    if BLOCK_E > 0:
+        _store(o_ptr, o1 / l[:, None], rows, row_ok, width, BLOCK_D, head_dim, BLOCK_E)
     tl.store(lse_ptr + pid_nh.to(tl.int64) * seq + rows, m + tl.log(l), mask=row_ok)
 
 
@@ -123,47 +185,90 @@ def _attention_bwd_kernel(
     scale,  # Dh ** -0.5
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
+    # Tiles are named by (key part, head-dim part): k01 = main keys x extra dims; the tail key part (1) and
+    # the extra head-dim part (1) exist only when BLOCK_T > 0 and BLOCK_E > 0 (else their names alias part 0).
     pid_nh = tl.program_id(0)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
     width = num_heads * head_dim  # H*Dh
-    keys = tl.arange(0, BLOCK_N)  # (BLOCK_N,) all key positions
-    dims = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    key_ok = keys < seq
-    dim_ok = dims < head_dim
-    kv_ok = key_ok[:, None] & dim_ok[None, :]
-    base = qkv_ptr + n * stride_n + h * head_dim
-    kv_offs = keys[:, None] * stride_s + dims[None, :]  # (BLOCK_N, BLOCK_D)
-    k = tl.load(base + width + kv_offs, mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(base + 2 * width + kv_offs, mask=kv_ok, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    stats = pid_nh.to(tl.int64) * seq
-    dout_base = dout_ptr + n * seq * width + h * head_dim
-    grad_base = dqkv_ptr + n * seq * 3 * width + h * head_dim
+    q_ptr = qkv_ptr + n * stride_n + h * head_dim
+    k_ptr = q_ptr + width
+    v_ptr = q_ptr + 2 * width
+    do_ptr = dout_ptr + n * seq * width + h * head_dim
+    dq_ptr = dqkv_ptr + n * seq * 3 * width + h * head_dim
+    stats = lse_ptr + pid_nh.to(tl.int64) * seq
+    keys0 = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    key0_ok = keys0 < seq
+    k00, k01 = _load_parts(k_ptr, keys0, key0_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
+    v00, v01 = _load_parts(v_ptr, keys0, key0_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
+    dk00 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv00 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if BLOCK_E > 0:
+        dk01 = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+        dv01 = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    if BLOCK_T > 0:
+        keys1 = BLOCK_N + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+        key1_ok = keys1 < seq
+        k10, k11 = _load_parts(k_ptr, keys1, key1_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_T, BLOCK_D|E)
+        v10, v11 = _load_parts(v_ptr, keys1, key1_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
+        dk10 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        dv10 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        if BLOCK_E > 0:
+            dk11 = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+            dv11 = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for start in range(0, seq, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
         row_ok = rows < seq
-        q_ok = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(base + rows[:, None] * stride_s + dims[None, :], mask=q_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(dout_base + rows[:, None] * width + dims[None, :], mask=q_ok, other=0.0)
-        lse = tl.load(lse_ptr + stats + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
-        s = _dot(q, tl.trans(k), NATIVE) * scale  # (BLOCK_M, BLOCK_N)
-        p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), NATIVE)  # (BLOCK_M, BLOCK_N)
-        delta = tl.sum(p * dp, axis=1)  # (BLOCK_M,) = rowsum(dO * O): the whole row is here
-        ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
-        dv += _dot(tl.trans(p), do, NATIVE)  # (BLOCK_N, BLOCK_D)
-        dk += _dot(tl.trans(ds), q, NATIVE)
-        dq = _dot(ds, k, NATIVE) * scale  # (BLOCK_M, BLOCK_D)
-        tl.store(grad_base + rows[:, None] * 3 * width + dims[None, :], dq.to(dqkv_ptr.dtype.element_ty),
-                 mask=q_ok)
-    offs = keys[:, None] * 3 * width + dims[None, :]  # (BLOCK_N, BLOCK_D)
-    tl.store(grad_base + width + offs, (dk * scale).to(dqkv_ptr.dtype.element_ty), mask=kv_ok)
-    tl.store(grad_base + 2 * width + offs, dv.to(dqkv_ptr.dtype.element_ty), mask=kv_ok)
+        q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
+        do0, do1 = _load_parts(do_ptr, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
+        lse = tl.load(stats + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
+        s0 = _scores(q0, q1, k00, k01, BLOCK_E, NATIVE) * scale  # (BLOCK_M, BLOCK_N)
+        p0 = tl.where(row_ok[:, None] & key0_ok[None, :], tl.exp(s0 - lse[:, None]), 0.0)
+        dp0 = _scores(do0, do1, v00, v01, BLOCK_E, NATIVE)
+        delta = tl.sum(p0 * dp0, axis=1)  # (BLOCK_M,) = rowsum(dO * O): the whole row is here
+        if BLOCK_T > 0:
+            s1 = _scores(q0, q1, k10, k11, BLOCK_E, NATIVE) * scale  # (BLOCK_M, BLOCK_T)
+            p1 = tl.where(row_ok[:, None] & key1_ok[None, :], tl.exp(s1 - lse[:, None]), 0.0)
+            dp1 = _scores(do0, do1, v10, v11, BLOCK_E, NATIVE)
+            delta += tl.sum(p1 * dp1, axis=1)
+        ds0 = p0 * (dp0 - delta[:, None])  # (BLOCK_M, BLOCK_N)
+        dv00 += _dot(tl.trans(p0), do0, NATIVE)  # (BLOCK_N, BLOCK_D)
+        dk00 += _dot(tl.trans(ds0), q0, NATIVE)
+        dq0 = _dot(ds0, k00, NATIVE)  # (BLOCK_M, BLOCK_D)
+        if BLOCK_E > 0:
+            dv01 += _dot(tl.trans(p0), do1, NATIVE)  # (BLOCK_N, BLOCK_E)
+            dk01 += _dot(tl.trans(ds0), q1, NATIVE)
+            dq1 = _dot(ds0, k01, NATIVE)  # (BLOCK_M, BLOCK_E)
+        if BLOCK_T > 0:
+            ds1 = p1 * (dp1 - delta[:, None])  # (BLOCK_M, BLOCK_T)
+            dv10 += _dot(tl.trans(p1), do0, NATIVE)  # (BLOCK_T, BLOCK_D)
+            dk10 += _dot(tl.trans(ds1), q0, NATIVE)
+            dq0 += _dot(ds1, k10, NATIVE)
+            if BLOCK_E > 0:
+                dv11 += _dot(tl.trans(p1), do1, NATIVE)  # (BLOCK_T, BLOCK_E)
+                dk11 += _dot(tl.trans(ds1), q1, NATIVE)
+                dq1 += _dot(ds1, k11, NATIVE)
+        _store(dq_ptr, dq0 * scale, rows, row_ok, 3 * width, 0, head_dim, BLOCK_D)
+        if BLOCK_E > 0:
+            _store(dq_ptr, dq1 * scale, rows, row_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
+    dk_ptr = dq_ptr + width
+    dv_ptr = dq_ptr + 2 * width
+    _store(dk_ptr, dk00 * scale, keys0, key0_ok, 3 * width, 0, head_dim, BLOCK_D)
+    _store(dv_ptr, dv00, keys0, key0_ok, 3 * width, 0, head_dim, BLOCK_D)
+    if BLOCK_E > 0:
+        _store(dk_ptr, dk01 * scale, keys0, key0_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
+        _store(dv_ptr, dv01, keys0, key0_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
+    if BLOCK_T > 0:
+        _store(dk_ptr, dk10 * scale, keys1, key1_ok, 3 * width, 0, head_dim, BLOCK_D)
+        _store(dv_ptr, dv10, keys1, key1_ok, 3 * width, 0, head_dim, BLOCK_D)
+        if BLOCK_E > 0:
+            _store(dk_ptr, dk11 * scale, keys1, key1_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
+            _store(dv_ptr, dv11, keys1, key1_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
 
 
 @triton.jit
@@ -176,19 +281,21 @@ def _attention_bwd_delta_kernel(
     head_dim,  # Dh
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     pid_nh = tl.program_id(1)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
     width = num_heads * head_dim
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    dims = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     row_ok = rows < seq
-    ok = row_ok[:, None] & (dims < head_dim)[None, :]
-    offs = n * seq * width + rows[:, None] * width + h * head_dim + dims[None, :]  # (BLOCK_M, BLOCK_D)
-    o = tl.load(out_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + pid_nh.to(tl.int64) * seq + rows, tl.sum(o * do, axis=1), mask=row_ok)
+    offs = n * seq * width + h * head_dim
+    o0, o1 = _load_parts(out_ptr + offs, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
+    do0, do1 = _load_parts(dout_ptr + offs, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
+    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), axis=1)  # (BLOCK_M,)
+    if BLOCK_E > 0:
+        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), axis=1)
+    tl.store(delta_ptr + pid_nh.to(tl.int64) * seq + rows, delta, mask=row_ok)
 
 
 @triton.jit
@@ -206,42 +313,48 @@ def _attention_bwd_dkdv_kernel(
     scale,  # Dh ** -0.5
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
     pid_nh = tl.program_id(1)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
     width = num_heads * head_dim
-    keys = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) this program's keys
-    dims = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    key_ok = keys < seq
-    dim_ok = dims < head_dim
-    kv_ok = key_ok[:, None] & dim_ok[None, :]
-    base = qkv_ptr + n * stride_n + h * head_dim
-    kv_offs = keys[:, None] * stride_s + dims[None, :]  # (BLOCK, BLOCK_D)
-    k = tl.load(base + width + kv_offs, mask=kv_ok, other=0.0)
-    v = tl.load(base + 2 * width + kv_offs, mask=kv_ok, other=0.0)
-    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    q_ptr = qkv_ptr + n * stride_n + h * head_dim
+    do_ptr = dout_ptr + n * seq * width + h * head_dim
     stats = pid_nh.to(tl.int64) * seq
+    keys = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) this program's keys
+    key_ok = keys < seq
+    k0, k1 = _load_parts(q_ptr + width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK, BLOCK_D|E)
+    v0, v1 = _load_parts(q_ptr + 2 * width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
+    dk0 = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    if BLOCK_E > 0:
+        dk1 = tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32)
     for start in range(0, seq, BLOCK):
         rows = start + tl.arange(0, BLOCK)  # (BLOCK,) query positions
         row_ok = rows < seq
-        q_ok = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(base + rows[:, None] * stride_s + dims[None, :], mask=q_ok, other=0.0)
-        do = tl.load(dout_ptr + n * seq * width + rows[:, None] * width + h * head_dim + dims[None, :],
-                     mask=q_ok, other=0.0)  # (BLOCK, BLOCK_D)
+        q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK, BLOCK_D|E)
+        do0, do1 = _load_parts(do_ptr, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
         lse = tl.load(lse_ptr + stats + rows, mask=row_ok, other=0.0)  # (BLOCK,)
         delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
-        st = _dot(k, tl.trans(q), NATIVE) * scale  # (BLOCK keys, BLOCK queries)
+        st = _scores(k0, k1, q0, q1, BLOCK_E, NATIVE) * scale  # (BLOCK keys, BLOCK queries)
         pt = tl.where(key_ok[:, None] & row_ok[None, :], tl.exp(st - lse[None, :]), 0.0)
-        dv += _dot(pt, do, NATIVE)
-        dpt = _dot(v, tl.trans(do), NATIVE)  # (BLOCK keys, BLOCK queries)
+        dpt = _scores(v0, v1, do0, do1, BLOCK_E, NATIVE)  # (BLOCK keys, BLOCK queries)
         dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst, q, NATIVE)
-    offs = n * seq * 3 * width + keys[:, None] * 3 * width + h * head_dim + dims[None, :]
-    tl.store(dqkv_ptr + width + offs, (dk * scale).to(dqkv_ptr.dtype.element_ty), mask=kv_ok)
-    tl.store(dqkv_ptr + 2 * width + offs, dv.to(dqkv_ptr.dtype.element_ty), mask=kv_ok)
+        dv0 += _dot(pt, do0, NATIVE)  # (BLOCK, BLOCK_D)
+        dk0 += _dot(dst, q0, NATIVE)
+        if BLOCK_E > 0:
+            dv1 += _dot(pt, do1, NATIVE)  # (BLOCK, BLOCK_E)
+            dk1 += _dot(dst, q1, NATIVE)
+    dk_ptr = dqkv_ptr + n * seq * 3 * width + width + h * head_dim
+    dv_ptr = dk_ptr + width
+    _store(dk_ptr, dk0 * scale, keys, key_ok, 3 * width, 0, head_dim, BLOCK_D)
+    _store(dv_ptr, dv0, keys, key_ok, 3 * width, 0, head_dim, BLOCK_D)
+    if BLOCK_E > 0:
+        _store(dk_ptr, dk1 * scale, keys, key_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
+        _store(dv_ptr, dv1, keys, key_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
 
 
 @triton.jit
@@ -259,124 +372,194 @@ def _attention_bwd_dq_kernel(
     scale,  # Dh ** -0.5
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
     pid_nh = tl.program_id(1)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
     width = num_heads * head_dim
+    q_ptr = qkv_ptr + n * stride_n + h * head_dim
+    do_ptr = dout_ptr + n * seq * width + h * head_dim
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) this program's queries
-    dims = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     row_ok = rows < seq
-    dim_ok = dims < head_dim
-    q_ok = row_ok[:, None] & dim_ok[None, :]
-    base = qkv_ptr + n * stride_n + h * head_dim
-    q = tl.load(base + rows[:, None] * stride_s + dims[None, :], mask=q_ok, other=0.0)
-    do = tl.load(dout_ptr + n * seq * width + rows[:, None] * width + h * head_dim + dims[None, :],
-                 mask=q_ok, other=0.0)  # (BLOCK, BLOCK_D)
+    q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK, BLOCK_D|E)
+    do0, do1 = _load_parts(do_ptr, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
+    dq0 = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    if BLOCK_E > 0:
+        dq1 = tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32)
     stats = pid_nh.to(tl.int64) * seq
     lse = tl.load(lse_ptr + stats + rows, mask=row_ok, other=0.0)  # (BLOCK,)
     delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     for start in range(0, seq, BLOCK):
         keys = start + tl.arange(0, BLOCK)  # (BLOCK,) key positions
         key_ok = keys < seq
-        kv_ok = key_ok[:, None] & dim_ok[None, :]
-        kv_offs = keys[:, None] * stride_s + dims[None, :]  # (BLOCK, BLOCK_D)
-        k = tl.load(base + width + kv_offs, mask=kv_ok, other=0.0)
-        v = tl.load(base + 2 * width + kv_offs, mask=kv_ok, other=0.0)
-        s = _dot(q, tl.trans(k), NATIVE) * scale  # (BLOCK queries, BLOCK keys)
+        k0, k1 = _load_parts(q_ptr + width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK, BLOCK_D|E)
+        v0, v1 = _load_parts(q_ptr + 2 * width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
+        s = _scores(q0, q1, k0, k1, BLOCK_E, NATIVE) * scale  # (BLOCK queries, BLOCK keys)
         p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), NATIVE)
-        dq += _dot(p * (dp - delta[:, None]), k, NATIVE)
-    offs = n * seq * 3 * width + rows[:, None] * 3 * width + h * head_dim + dims[None, :]
-    tl.store(dqkv_ptr + offs, (dq * scale).to(dqkv_ptr.dtype.element_ty), mask=q_ok)
+        dp = _scores(do0, do1, v0, v1, BLOCK_E, NATIVE)
+        ds = p * (dp - delta[:, None])
+        dq0 += _dot(ds, k0, NATIVE)
+        if BLOCK_E > 0:
+            dq1 += _dot(ds, k1, NATIVE)
+    dq_ptr = dqkv_ptr + n * seq * 3 * width + h * head_dim
+    _store(dq_ptr, dq0 * scale, rows, row_ok, 3 * width, 0, head_dim, BLOCK_D)
+    if BLOCK_E > 0:
+        _store(dq_ptr, dq1 * scale, rows, row_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+def two_parts(size: int) -> tuple[int, int]:
+    """``(main, extra)`` powers of two (at least 16; extra 0 = none) with ``main + extra >= size``: the
+    largest power of two not above ``size`` plus the smallest one covering the rest, or one tile
+    ``next_pow2(size)`` where two parts would not be smaller. 65 -> (64, 16), 80 -> (64, 16),
+    257 -> (256, 16), 50 -> (64, 0), 197 -> (256, 0)."""
+    whole = max(16, triton.next_power_of_2(size))
+    main = max(16, whole // 2 if whole > size else whole)
+    rest = size - main
+    if rest <= 0:
+        return whole, 0
+    extra = max(16, triton.next_power_of_2(rest))
+    return (main, extra) if main + extra < whole else (whole, 0)
 
 
-def _fwd_blocks(seq: int, head_dim: int) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps)`` of the forward (no spills on sm_80/sm_90 at the AOT configs)."""
-    block_n = max(16, triton.next_power_of_2(seq))
-    block_m = 16 if block_n >= 512 else 64
-    return block_m, block_n, 4 if block_n <= 128 and _block_d(head_dim) <= 64 else 8
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How the kernels tile one ``(S, Dh)``: the key and head-dim parts (each ``(main, extra)``, extra 0 =
+    none), the forward's query rows and warps, and the backward's form with its blocks and warps."""
+
+    key_parts: tuple[int, int]
+    dim_parts: tuple[int, int]
+    fwd_block_m: int
+    fwd_warps: int
+    bwd_fused: bool
+    bwd_block_m: int  # fused: queries per step of the loop
+    bwd_warps: int  # fused
+    dkdv_block: int  # split: keys per dK/dV program, and queries per step of its loop
+    dkdv_warps: int
+    dq_block: int  # split: queries per dQ program, and keys per step of its loop
+    dq_warps: int
+
+    def check(self, seq: int, head_dim: int) -> None:
+        """ValueError unless the parts cover ``seq`` and ``head_dim`` and every block is a power of two >= 16."""
+        if sum(self.key_parts) < seq or sum(self.dim_parts) < head_dim:
+            raise ValueError(f"plan's key parts {self.key_parts} / head-dim parts {self.dim_parts} do not cover "
+                             f"S = {seq}, Dh = {head_dim}")
+        blocks = [*self.key_parts, *self.dim_parts, self.fwd_block_m, self.bwd_block_m, self.dkdv_block,
+                  self.dq_block]
+        if any(b and (b < 16 or b & (b - 1)) for b in blocks) or not self.key_parts[0] or not self.dim_parts[0]:
+            raise ValueError(f"plan blocks must be powers of two >= 16 (extra parts may be 0), got {self}")
 
 
-def _fused_backward(seq: int, head_dim: int) -> bool:
-    """Whether one program per head can hold K, V and their fp32 gradients (MAE's ViT-B/L shapes): the
-    backward is then one launch, several times faster than SDPA's kernels at these shapes."""
-    return max(16, triton.next_power_of_2(seq)) * _block_d(head_dim) <= FUSED_BWD_MAX_TILE
+def default_plan(seq: int, head_dim: int) -> AttentionPlan:
+    """The plan the ops use: tiles from :func:`two_parts`; warps and blocks the largest without spills on
+    sm_80/sm_90 at MAE's shapes (``python -m fastmae.kernels.aot``, Triton 3.6 and 3.8). The backward is fused
+    where K, V, dK and dV fit a program (``keys * head dim <= FUSED_BWD_MAX_TILE``) in one head-dim part
+    (with two, as ViT-H's 80 = 64 + 16, it spills at every block and warp count tried): measured 2-3x faster
+    than SDPA at the ViT-B/L encoder."""
+    key_parts, dim_parts = two_parts(seq), two_parts(head_dim)
+    keys, depth = sum(key_parts), sum(dim_parts)
+    return AttentionPlan(
+        key_parts=key_parts, dim_parts=dim_parts,
+        fwd_block_m=16 if keys >= 512 else 64,
+        fwd_warps=4 if keys <= 128 else 8,
+        bwd_fused=keys * depth <= FUSED_BWD_MAX_TILE and dim_parts[1] == 0,
+        bwd_block_m=32 if keys * depth <= 64 * 64 else 16,
+        bwd_warps=8,
+        dkdv_block=32, dkdv_warps=8 if depth > 64 else 4,
+        dq_block=32 if depth > 64 else 64, dq_warps=8 if depth >= 64 else 4,
+    )
 
 
-def _fused_bwd_blocks(seq: int, head_dim: int) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)`` of the fused backward (8 warps, one stage: no spills on sm_80/sm_90)."""
-    block_n = max(16, triton.next_power_of_2(seq))
-    return (32 if block_n * _block_d(head_dim) <= 64 * 64 else 16), block_n
+def tuning_plans(seq: int, head_dim: int) -> dict[str, list[AttentionPlan]]:
+    """The alternatives to :func:`default_plan` that ``bench/tune_attention.py`` times, by the launch they
+    change (each plan differs from the default in that launch only): "forward" (query rows, warps, keys in
+    two parts or one tile), "fused backward" (the same), "dkdv" and "dq" (block, warps; split form)."""
+    from dataclasses import replace
+
+    base = default_plan(seq, head_dim)
+    key_choices = sorted({base.key_parts, (max(16, triton.next_power_of_2(seq)), 0)})
+    split = replace(base, bwd_fused=False)
+    return {
+        "forward": [replace(base, key_parts=keys, fwd_block_m=m, fwd_warps=w)
+                    for keys in key_choices for m in (16, 32, 64, 128) for w in (4, 8)],
+        "fused backward": [replace(base, key_parts=keys, bwd_fused=True, bwd_block_m=m, bwd_warps=w)
+                           for keys in key_choices for m in (16, 32) for w in (4, 8)],
+        "dkdv": [replace(split, dkdv_block=b, dkdv_warps=w) for b in (16, 32, 64) for w in (4, 8)],
+        "dq": [replace(split, dq_block=b, dq_warps=w) for b in (16, 32, 64) for w in (4, 8)],
+    }
 
 
-def _dkdv_warps(block_d: int) -> int:
-    return 8 if block_d >= 128 else 4
+def _native(qkv: torch.Tensor) -> bool:
+    return qkv.dtype != torch.float32 and not interpreter_on()
 
 
-def _dq_warps(block_d: int) -> int:
-    return 8 if block_d >= 64 else 4
+def attention_forward(qkv: torch.Tensor, num_heads: int, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launches the forward: ``qkv (N, S, 3*H*Dh)`` with unit last stride -> ``(out (N, S, H*Dh)`` in qkv's
+    dtype, ``lse (N, H, S)`` fp32)."""
+    n, seq, packed = qkv.shape
+    head_dim = packed // (3 * num_heads)
+    plan.check(seq, head_dim)
+    out = torch.empty((n, seq, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)  # (N, S, H*Dh)
+    lse = torch.empty((n, num_heads, seq), dtype=torch.float32, device=qkv.device)  # (N, H, S)
+    if n * seq > 0:
+        (block_n, block_t), (block_d, block_e) = plan.key_parts, plan.dim_parts
+        wrap_triton(_attention_fwd_kernel)[(triton.cdiv(seq, plan.fwd_block_m), n * num_heads)](
+            qkv, out, lse, seq, num_heads, head_dim, qkv.stride(0), qkv.stride(1), head_dim**-0.5,
+            BLOCK_M=plan.fwd_block_m, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e,
+            NATIVE=_native(qkv), num_warps=plan.fwd_warps)
+    return out, lse
 
 
-def _dq_block(block_d: int) -> int:
-    """Queries per dQ program: 64, or 32 at BLOCK_D 128 (64 spills there with Triton 3.6's ptxas on sm_90)."""
-    return DQ_BLOCK // 2 if block_d >= 128 else DQ_BLOCK
+def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       num_heads: int, plan: AttentionPlan) -> torch.Tensor:
+    """Launches the backward: contiguous ``grad_out (N, S, H*Dh)``, ``qkv (N, S, 3*H*Dh)`` (unit last stride),
+    contiguous ``out (N, S, H*Dh)`` (read by the split form only), ``lse (N, H, S)`` fp32 ->
+    ``d(qkv) (N, S, 3*H*Dh)`` in qkv's dtype."""
+    n, seq, packed = qkv.shape
+    head_dim = packed // (3 * num_heads)
+    plan.check(seq, head_dim)
+    dqkv = torch.empty((n, seq, packed), dtype=qkv.dtype, device=qkv.device)  # (N, S, 3*H*Dh)
+    if n * seq == 0:
+        return dqkv
+    (block_n, block_t), (block_d, block_e) = plan.key_parts, plan.dim_parts
+    nh = n * num_heads
+    scale = head_dim**-0.5
+    native = _native(qkv)
+    strides = (qkv.stride(0), qkv.stride(1), scale)
+    if plan.bwd_fused:
+        wrap_triton(_attention_bwd_kernel)[(nh,)](
+            qkv, grad_out, lse, dqkv, seq, num_heads, head_dim, *strides,
+            BLOCK_M=plan.bwd_block_m, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e,
+            NATIVE=native, num_warps=plan.bwd_warps, num_stages=1)
+        return dqkv
+    delta = torch.empty((n, num_heads, seq), dtype=torch.float32, device=qkv.device)  # (N, H, S)
+    wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(seq, DELTA_BLOCK), nh)](
+        out, grad_out, delta, seq, num_heads, head_dim, BLOCK_M=DELTA_BLOCK, BLOCK_D=block_d, BLOCK_E=block_e,
+        num_warps=4)
+    wrap_triton(_attention_bwd_dkdv_kernel)[(triton.cdiv(seq, plan.dkdv_block), nh)](
+        qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, *strides,
+        BLOCK=plan.dkdv_block, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=native, num_warps=plan.dkdv_warps)
+    wrap_triton(_attention_bwd_dq_kernel)[(triton.cdiv(seq, plan.dq_block), nh)](
+        qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, *strides,
+        BLOCK=plan.dq_block, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=native, num_warps=plan.dq_warps)
+    return dqkv
 
 
 @torch.library.triton_op("fastmae_triton::attention", mutates_args=())
 def attention_op(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``qkv (N, S, 3*H*Dh)`` with unit last stride -> ``(out (N, S, H*Dh)`` in qkv's dtype,
-    ``lse (N, H, S)`` fp32)."""
+    ``lse (N, H, S)`` fp32), tiled by :func:`default_plan`."""
     n, seq, packed = qkv.shape
-    head_dim = packed // (3 * num_heads)
-    out = torch.empty((n, seq, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)  # (N, S, H*Dh)
-    lse = torch.empty((n, num_heads, seq), dtype=torch.float32, device=qkv.device)  # (N, H, S)
-    block_m, block_n, num_warps = _fwd_blocks(seq, head_dim)
-    native = qkv.dtype != torch.float32 and not interpreter_on()
-    if n * seq > 0:
-        wrap_triton(_attention_fwd_kernel)[(triton.cdiv(seq, block_m), n * num_heads)](
-            qkv, out, lse, seq, num_heads, head_dim, qkv.stride(0), qkv.stride(1), head_dim**-0.5,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), NATIVE=native, num_warps=num_warps)
-    return out, lse
+    return attention_forward(qkv, num_heads, default_plan(seq, packed // (3 * num_heads)))
 
 
 @torch.library.triton_op("fastmae_triton::attention_backward", mutates_args=())
 def attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           num_heads: int) -> torch.Tensor:
-    """Contiguous ``grad_out (N, S, H*Dh)``, ``qkv (N, S, 3*H*Dh)`` (unit last stride), contiguous
-    ``out (N, S, H*Dh)`` (read by the split backward only), ``lse (N, H, S)`` fp32 -> ``d(qkv) (N, S, 3*H*Dh)``
-    in qkv's dtype."""
+    """:func:`attention_backward` tiled by :func:`default_plan`: ``d(qkv) (N, S, 3*H*Dh)``."""
     n, seq, packed = qkv.shape
-    head_dim = packed // (3 * num_heads)
-    dqkv = torch.empty((n, seq, packed), dtype=qkv.dtype, device=qkv.device)  # (N, S, 3*H*Dh)
-    if n * seq == 0:
-        return dqkv
-    block_d = _block_d(head_dim)
-    nh = n * num_heads
-    scale = head_dim**-0.5
-    native = qkv.dtype != torch.float32 and not interpreter_on()
-    if _fused_backward(seq, head_dim):
-        block_m, block_n = _fused_bwd_blocks(seq, head_dim)
-        wrap_triton(_attention_bwd_kernel)[(nh,)](
-            qkv, grad_out, lse, dqkv, seq, num_heads, head_dim, qkv.stride(0), qkv.stride(1), scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, NATIVE=native, num_warps=8, num_stages=1)
-        return dqkv
-    delta = torch.empty((n, num_heads, seq), dtype=torch.float32, device=qkv.device)  # (N, H, S)
-    wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(seq, DELTA_BLOCK), nh)](
-        out, grad_out, delta, seq, num_heads, head_dim, BLOCK_M=DELTA_BLOCK, BLOCK_D=block_d, num_warps=4)
-    wrap_triton(_attention_bwd_dkdv_kernel)[(triton.cdiv(seq, DKDV_BLOCK), nh)](
-        qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, qkv.stride(0), qkv.stride(1), scale,
-        BLOCK=DKDV_BLOCK, BLOCK_D=block_d, NATIVE=native, num_warps=_dkdv_warps(block_d))
-    wrap_triton(_attention_bwd_dq_kernel)[(triton.cdiv(seq, _dq_block(block_d)), nh)](
-        qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, qkv.stride(0), qkv.stride(1), scale,
-        BLOCK=_dq_block(block_d), BLOCK_D=block_d, NATIVE=native, num_warps=_dq_warps(block_d))
-    return dqkv
+    return attention_backward(grad_out, qkv, out, lse, num_heads, default_plan(seq, packed // (3 * num_heads)))
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
@@ -405,46 +588,44 @@ def attention_triton(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 _COMMON = {"seq": "i32", "num_heads": "i32", "head_dim": "i32"}
 _STRIDES = {"stride_n": "i32", "stride_s": "i32", "scale": "fp32"}
+_PARTS = {"BLOCK_N": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "BLOCK_E": "constexpr",
+          "NATIVE": "constexpr"}
 _SIG_FWD = {"qkv_ptr": "*{dtype}", "out_ptr": "*{dtype}", "lse_ptr": "*fp32", **_COMMON, **_STRIDES,
-            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "NATIVE": "constexpr"}
+            "BLOCK_M": "constexpr", **_PARTS}
 _SIG_BWD_FUSED = {"qkv_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "lse_ptr": "*fp32", "dqkv_ptr": "*{dtype}",
-                  **_COMMON, **_STRIDES,
-                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "NATIVE": "constexpr"}
+                  **_COMMON, **_STRIDES, "BLOCK_M": "constexpr", **_PARTS}
 _SIG_DELTA = {"out_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "delta_ptr": "*fp32", **_COMMON,
-              "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
+              "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_E": "constexpr"}
 _SIG_BWD_SPLIT = {"qkv_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
                   "dqkv_ptr": "*{dtype}", **_COMMON, **_STRIDES,
-                  "BLOCK": "constexpr", "BLOCK_D": "constexpr", "NATIVE": "constexpr"}
+                  "BLOCK": "constexpr", "BLOCK_D": "constexpr", "BLOCK_E": "constexpr", "NATIVE": "constexpr"}
 
 
-def _aot_fwd(seq: int, head_dim: int) -> AotKernel:
-    block_m, block_n, num_warps = _fwd_blocks(seq, head_dim)
-    block_d = _block_d(head_dim)
-    return AotKernel(fn=_attention_fwd_kernel, signature=_SIG_FWD,
-                     constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "NATIVE": True},
-                     num_warps=num_warps, label=f"N{block_n}-D{block_d}")
-
-
-def _aot_bwd(seq: int, head_dim: int) -> list[AotKernel]:
-    block_d = _block_d(head_dim)
-    if _fused_backward(seq, head_dim):
-        block_m, block_n = _fused_bwd_blocks(seq, head_dim)
-        return [AotKernel(fn=_attention_bwd_kernel, signature=_SIG_BWD_FUSED,
-                          constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "NATIVE": True},
-                          num_warps=8, num_stages=1, label=f"N{block_n}-D{block_d}")]
-    label = f"D{block_d}"
+def aot_kernels(plan: AttentionPlan) -> list[AotKernel]:
+    """Every kernel launch of ``plan``, forward and backward, for ``python -m fastmae.kernels.aot``."""
+    (block_n, block_t), (block_d, block_e) = plan.key_parts, plan.dim_parts
+    parts = {"BLOCK_N": block_n, "BLOCK_T": block_t, "BLOCK_D": block_d, "BLOCK_E": block_e, "NATIVE": True}
+    label = f"N{block_n}+{block_t}-D{block_d}+{block_e}"
+    kernels = [AotKernel(fn=_attention_fwd_kernel, signature=_SIG_FWD, constexprs={"BLOCK_M": plan.fwd_block_m, **parts},
+                         num_warps=plan.fwd_warps, label=f"M{plan.fwd_block_m}-{label}")]
+    if plan.bwd_fused:
+        return [*kernels, AotKernel(fn=_attention_bwd_kernel, signature=_SIG_BWD_FUSED,
+                                    constexprs={"BLOCK_M": plan.bwd_block_m, **parts}, num_warps=plan.bwd_warps,
+                                    num_stages=1, label=f"M{plan.bwd_block_m}-{label}")]
+    dims = {"BLOCK_D": block_d, "BLOCK_E": block_e}
     return [
-        AotKernel(fn=_attention_bwd_delta_kernel, signature=_SIG_DELTA,
-                  constexprs={"BLOCK_M": DELTA_BLOCK, "BLOCK_D": block_d}, num_warps=4, label=label),
+        *kernels,
+        AotKernel(fn=_attention_bwd_delta_kernel, signature=_SIG_DELTA, constexprs={"BLOCK_M": DELTA_BLOCK, **dims},
+                  num_warps=4, label=f"D{block_d}+{block_e}"),
         AotKernel(fn=_attention_bwd_dkdv_kernel, signature=_SIG_BWD_SPLIT,
-                  constexprs={"BLOCK": DKDV_BLOCK, "BLOCK_D": block_d, "NATIVE": True},
-                  num_warps=_dkdv_warps(block_d), label=label),
+                  constexprs={"BLOCK": plan.dkdv_block, **dims, "NATIVE": True}, num_warps=plan.dkdv_warps,
+                  label=f"B{plan.dkdv_block}-D{block_d}+{block_e}"),
         AotKernel(fn=_attention_bwd_dq_kernel, signature=_SIG_BWD_SPLIT,
-                  constexprs={"BLOCK": _dq_block(block_d), "BLOCK_D": block_d, "NATIVE": True},
-                  num_warps=_dq_warps(block_d), label=label),
+                  constexprs={"BLOCK": plan.dq_block, **dims, "NATIVE": True}, num_warps=plan.dq_warps,
+                  label=f"B{plan.dq_block}-D{block_d}+{block_e}"),
     ]
 
 
 # MAE: ViT-B/L encoder S = 50, Dh = 64; ViT-H encoder S = 65, Dh = 80; decoder S = 197 / 257, Dh = 32.
 MAE_SHAPES = ((50, 64), (65, 80), (197, 32), (257, 32))
-AOT_KERNELS = [*(_aot_fwd(s, d) for s, d in MAE_SHAPES), *(k for s, d in MAE_SHAPES for k in _aot_bwd(s, d))]
+AOT_KERNELS = [k for s, d in MAE_SHAPES for k in aot_kernels(default_plan(s, d))]

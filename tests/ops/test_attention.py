@@ -54,8 +54,10 @@ def test_public_validates() -> None:
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 # Every (S, Dh) pair of S in {17, 50, 65, 197, 257} x Dh in {32, 64, 80} once, the batch alternating 1 and 3 so
-# that every S and every Dh meets both; H kept at 1-2 (the interpreter costs ~0.3 ms a program). S = 257 pads
-# to a 512-wide key tile, 9 dK/dV and 5 dQ blocks, S = 17 to one small tile; Dh = 80 pads to 128 (masked).
+# that every S and every Dh meets both; H kept at 1-2 (the interpreter costs ~0.3 ms a program). Between them
+# they take every form of the default plans: keys in one tile (S 17, 50, 197) or two (65 = 64 + 16,
+# 257 = 256 + 16), head dims in one (32, 64) or two (80 = 64 + 16), the fused backward with and without the
+# tail key tile, the split backward (Dh 80; S 257) with its 9 dK/dV and 5 dQ blocks at S 257.
 TRITON_SHAPES = [(1, 17, 2, 32), (3, 17, 2, 64), (1, 17, 2, 80),
                  (3, 50, 2, 32), (1, 50, 2, 64), (3, 50, 1, 80),
                  (1, 65, 2, 32), (3, 65, 1, 64), (3, 65, 2, 80),
@@ -90,6 +92,54 @@ def test_triton_matches_reference_fp32(n: int, s: int, h: int, dh: int) -> None:
     assert out.dtype == want_out.dtype and out.shape == (n, s, h * dh)
     assert_rel_close(out, want_out, 1e-5, "forward")
     assert_rel_close(grad, want_grad, 1e-5, "d qkv")
+
+
+def test_two_parts_cover_with_least_padding() -> None:
+    from fastmae.kernels.attention import two_parts
+
+    want = {1: (16, 0), 16: (16, 0), 17: (32, 0), 32: (32, 0), 33: (32, 16), 50: (64, 0), 65: (64, 16),
+            80: (64, 16), 96: (64, 32), 100: (128, 0), 128: (128, 0), 197: (256, 0), 257: (256, 16),
+            512: (512, 0)}
+    assert {size: two_parts(size) for size in want} == want
+    for size in range(1, 513):
+        main, extra = two_parts(size)
+        assert main + extra >= size and main + extra <= max(16, 1 << (size - 1).bit_length())
+
+
+def test_plan_check_names_what_does_not_fit() -> None:
+    from dataclasses import replace
+
+    from fastmae.kernels.attention import default_plan
+
+    plan = default_plan(65, 80)
+    plan.check(65, 80)
+    with pytest.raises(ValueError, match=r"do not cover S = 81, Dh = 80"):
+        plan.check(81, 80)
+    with pytest.raises(ValueError, match="powers of two >= 16"):
+        replace(plan, fwd_block_m=48).check(65, 80)
+
+
+# Every plan bench/tune_attention.py may time (and so may make the default) against the reference, at MAE's
+# four (S, Dh) pairs: the forward alternatives, and the backward ones fed the default forward's out and lse.
+@pytest.mark.parametrize("s,dh", [(50, 64), (65, 80), (197, 32), (257, 32)], ids=lambda v: str(v))
+def test_every_tuning_plan_matches_reference_fp32(s: int, dh: int) -> None:
+    from fastmae.kernels.attention import attention_backward, attention_forward, default_plan, tuning_plans
+
+    n, h = 1, 1
+    qkv = _qkv(n, s, h, dh, seed=7)
+    upstream = _upstream(n, s, h, dh)
+    want_out, want_grad = _run("reference", qkv, h, upstream)
+    out, lse = attention_forward(qkv.detach(), h, default_plan(s, dh))
+    checked = 0
+    for part, plans in tuning_plans(s, dh).items():
+        for plan in plans:
+            if part == "forward":
+                assert_rel_close(attention_forward(qkv.detach(), h, plan)[0], want_out, 1e-5, f"{part}: {plan}")
+            else:
+                got = attention_backward(upstream, qkv.detach(), out, lse, h, plan)
+                assert_rel_close(got, want_grad, 1e-5, f"{part}: {plan}")
+            checked += 1
+    assert checked >= 24
 
 
 def test_triton_is_picked_by_priority_only_where_it_measured_faster() -> None:
