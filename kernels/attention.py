@@ -11,18 +11,21 @@ S 65 = 64 + 16, S 257 = 256 + 16, Dh 80 = 64 + 16 (S 50 -> 64, S 197 -> 256, Dh 
 Two head-dim parts make each product two ``tl.dot``s summed (q @ k^T) or two outputs (P @ V); two key
 parts give two score tiles whose softmax is still exact: one max and one sum over both.
 
-Forward, grid ``(cdiv(S, BLOCK_M), N*H)``: S <= MAX_S, so a program holds the whole K and V of its
+Grids are one-dimensional, a program's (block, head) split from its id with the blocks of one head
+adjacent (CUDA caps a grid's second dimension at 65535; N*H can exceed it).
+
+Forward, ``cdiv(S, BLOCK_M) * N*H`` programs: S <= MAX_S, so a program holds the whole K and V of its
 head and ``BLOCK_M`` query rows: the score tiles in fp32, an exact (not online) softmax in fp32,
 ``P @ V``, and the logsumexp ``lse (N, H, S)`` fp32 saved for the backward.
 
 Backward, no atomics, two forms (:class:`AttentionPlan`):
-  * fused (small heads: ``keys * head dim`` up to 256*32), grid ``(N*H,)``: one program per head holds K,
-    V, dK and dV and walks the queries ``BLOCK_M`` at a time, recomputing ``P`` from the lse; each query
+  * fused (small heads: ``keys * head dim`` up to 256*32, head dim in one part), ``N*H`` programs, one a
+    head: it holds K, V, dK and dV and walks the queries ``BLOCK_M`` at a time, recomputing ``P`` from the lse; each query
     block's row of ``P`` is whole, so ``delta = rowsum(P * dP)`` (equal to ``rowsum(dO * O)``) needs
     neither O nor a pre-pass, and dQ is written straight away. One launch, q/k/v/dO each read once.
   * split (larger heads), flash-attention-2's three launches: ``delta = rowsum(dO * O)`` ``(N, H, S)``;
-    dK/dV, grid ``(cdiv(S, B), N*H)``, a program owns B keys and walks all queries B at a time; dQ, grid
-    ``(cdiv(S, B'), N*H)``, a program owns B' queries and walks all keys B' at a time. Keys come in
+    dK/dV, ``cdiv(S, B) * N*H`` programs, one owns B keys and walks all queries B at a time; dQ,
+    ``cdiv(S, B') * N*H`` programs, one owns B' queries and walks all keys B' at a time. Keys come in
     blocks here, so only the head dim is in parts.
   Both write ``d(qkv)`` in the packed layout.
 
@@ -69,6 +72,15 @@ def _dot(a, b, NATIVE: tl.constexpr):
     else:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return out
+
+
+@triton.jit
+def _block_and_head(seq, BLOCK: tl.constexpr):
+    """``(block, n*H + h)`` of this program in a 1-D grid of ``cdiv(S, BLOCK) * N*H`` programs, the blocks of
+    one head adjacent (they share its K/V in L2). One dimension: CUDA caps the second at 65535, N*H is not."""
+    num_blocks = tl.cdiv(seq, BLOCK)
+    pid = tl.program_id(0)
+    return pid % num_blocks, pid // num_blocks
 
 
 @triton.jit
@@ -127,8 +139,7 @@ def _attention_fwd_kernel(
     BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_nh = tl.program_id(1)
+    pid_m, pid_nh = _block_and_head(seq, BLOCK_M)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
     width = num_heads * head_dim  # H*Dh
@@ -190,8 +201,9 @@ def _attention_bwd_kernel(
     BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
-    # Tiles are named by (key part, head-dim part): k01 = main keys x extra dims; the tail key part (1) and
-    # the extra head-dim part (1) exist only when BLOCK_T > 0 and BLOCK_E > 0 (else their names alias part 0).
+    # Tiles are named by (key part, head-dim part): k01 = main keys x extra dims. Tail-key tiles (k1*, v1*,
+    # dk1*, dv1*) exist only when BLOCK_T > 0 and extra-dim accumulators (d*01, d*11) only when BLOCK_E > 0;
+    # the extra-dim input tiles (k01, q1, ...) alias part 0 when BLOCK_E = 0 and are then unused.
     pid_nh = tl.program_id(0)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
@@ -283,11 +295,11 @@ def _attention_bwd_delta_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    pid_nh = tl.program_id(1)
+    pid_m, pid_nh = _block_and_head(seq, BLOCK_M)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
     width = num_heads * head_dim
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     row_ok = rows < seq
     offs = n * seq * width + h * head_dim
     o0, o1 = _load_parts(out_ptr + offs, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
@@ -316,14 +328,14 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
-    pid_nh = tl.program_id(1)
+    pid_k, pid_nh = _block_and_head(seq, BLOCK)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
     width = num_heads * head_dim
     q_ptr = qkv_ptr + n * stride_n + h * head_dim
     do_ptr = dout_ptr + n * seq * width + h * head_dim
     stats = pid_nh.to(tl.int64) * seq
-    keys = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) this program's keys
+    keys = pid_k * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) this program's keys
     key_ok = keys < seq
     k0, k1 = _load_parts(q_ptr + width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK, BLOCK_D|E)
     v0, v1 = _load_parts(q_ptr + 2 * width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
@@ -375,13 +387,13 @@ def _attention_bwd_dq_kernel(
     BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
-    pid_nh = tl.program_id(1)
+    pid_m, pid_nh = _block_and_head(seq, BLOCK)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
     width = num_heads * head_dim
     q_ptr = qkv_ptr + n * stride_n + h * head_dim
     do_ptr = dout_ptr + n * seq * width + h * head_dim
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) this program's queries
+    rows = pid_m * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) this program's queries
     row_ok = rows < seq
     q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK, BLOCK_D|E)
     do0, do1 = _load_parts(do_ptr, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
@@ -473,8 +485,9 @@ def default_plan(seq: int, head_dim: int) -> AttentionPlan:
 
 def tuning_plans(seq: int, head_dim: int) -> dict[str, list[AttentionPlan]]:
     """The alternatives to :func:`default_plan` that ``bench/tune_attention.py`` times, by the launch they
-    change (each plan differs from the default in that launch only): "forward" (query rows, warps, keys in
-    two parts or one tile), "fused backward" (the same), "dkdv" and "dq" (block, warps; split form)."""
+    vary: "forward" (query rows, warps, keys in two parts or one tile), "fused backward" (the same, the
+    backward fused), "dkdv" and "dq" (block, warps; the backward split). Each is the default plan with
+    those fields replaced, so a "dkdv" plan also takes the split form where the default is fused."""
     from dataclasses import replace
 
     base = default_plan(seq, head_dim)
@@ -504,7 +517,7 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, plan: AttentionPlan) ->
     lse = torch.empty((n, num_heads, seq), dtype=torch.float32, device=qkv.device)  # (N, H, S)
     if n * seq > 0:
         (block_n, block_t), (block_d, block_e) = plan.key_parts, plan.dim_parts
-        wrap_triton(_attention_fwd_kernel)[(triton.cdiv(seq, plan.fwd_block_m), n * num_heads)](
+        wrap_triton(_attention_fwd_kernel)[(triton.cdiv(seq, plan.fwd_block_m) * n * num_heads,)](
             qkv, out, lse, seq, num_heads, head_dim, qkv.stride(0), qkv.stride(1), head_dim**-0.5,
             BLOCK_M=plan.fwd_block_m, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e,
             NATIVE=_native(qkv), num_warps=plan.fwd_warps)
@@ -534,13 +547,13 @@ def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Ten
             NATIVE=native, num_warps=plan.bwd_warps, num_stages=1)
         return dqkv
     delta = torch.empty((n, num_heads, seq), dtype=torch.float32, device=qkv.device)  # (N, H, S)
-    wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(seq, DELTA_BLOCK), nh)](
+    wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(seq, DELTA_BLOCK) * nh,)](
         out, grad_out, delta, seq, num_heads, head_dim, BLOCK_M=DELTA_BLOCK, BLOCK_D=block_d, BLOCK_E=block_e,
         num_warps=4)
-    wrap_triton(_attention_bwd_dkdv_kernel)[(triton.cdiv(seq, plan.dkdv_block), nh)](
+    wrap_triton(_attention_bwd_dkdv_kernel)[(triton.cdiv(seq, plan.dkdv_block) * nh,)](
         qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, *strides,
         BLOCK=plan.dkdv_block, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=native, num_warps=plan.dkdv_warps)
-    wrap_triton(_attention_bwd_dq_kernel)[(triton.cdiv(seq, plan.dq_block), nh)](
+    wrap_triton(_attention_bwd_dq_kernel)[(triton.cdiv(seq, plan.dq_block) * nh,)](
         qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, *strides,
         BLOCK=plan.dq_block, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=native, num_warps=plan.dq_warps)
     return dqkv

@@ -122,3 +122,20 @@ def test_main_writes_the_csv_and_refuses_without_a_gpu(tune, monkeypatch: pytest
     assert "(17, 32): AttentionPlan(**{" in printed and "tiny: default" in printed
     assert tune.main(["--csv", str(out), "--cases", "tiny"]) == 0  # appended, one header
     assert len(_rows(out)) == 2 * len(rows)
+
+
+def test_a_plan_with_nan_results_is_an_error_row(tune, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """NaN in a result compares False with any bound: it must still count as disagreeing, never be timed."""
+    forward = kernels.attention_forward
+
+    def nan_forward(qkv, h, plan):  # noqa: ANN001, ANN202
+        out, lse = forward(qkv, h, plan)
+        return (out.clone().fill_(float("nan")) if plan.fwd_block_m == 16 else out), lse
+
+    monkeypatch.setattr(tune, "attention_forward", nan_forward)
+    _fake_clock(tune, monkeypatch, lambda kind, plan: 0.5 if kind == "forward" and plan.fwd_block_m == 16 else 1.0)
+    rows: list[dict] = []
+    result = tune.tune_shape(tune.ShapeTuner("tiny", SHAPE, rows.append, torch.float32, "cpu"))
+    nan_rows = [r for r in rows if r["part"] == "forward" and " fwd M16 " in r["plan"]]
+    assert nan_rows and all("differs from the default plan's" in r.get("error", "") for r in nan_rows)
+    assert result["tuned"].fwd_block_m != 16
