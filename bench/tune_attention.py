@@ -43,10 +43,12 @@ FIELDS = ["case", "part", "plan", "gpu_us", "TFLOP/s", "error", "batch", "seq", 
 
 
 def plan_label(plan: AttentionPlan) -> str:
-    """One line: ``keys 64+16 dims 64+16 | fwd M64 w4 | fused M16 w8`` (or ``split dkdv B32 w4 dq B64 w8``)."""
+    """One line: ``keys 64+16 dims 64+16 | fwd M64 w4 | fused M16 w8`` (or ``split dkdv B32 T32 w4 dq B64 T64
+    w8``: B = block owned, T = step of the loop)."""
     (n, t), (d, e) = plan.key_parts, plan.dim_parts
     bwd = (f"fused M{plan.bwd_block_m} w{plan.bwd_warps}" if plan.bwd_fused else
-           f"split dkdv B{plan.dkdv_block} w{plan.dkdv_warps} dq B{plan.dq_block} w{plan.dq_warps}")
+           f"split dkdv B{plan.dkdv_block} T{plan.dkdv_step} w{plan.dkdv_warps} "
+           f"dq B{plan.dq_block} T{plan.dq_step} w{plan.dq_warps}")
     return f"keys {n}+{t} dims {d}+{e} | fwd M{plan.fwd_block_m} w{plan.fwd_warps} | {bwd}"
 
 
@@ -124,8 +126,9 @@ def tune_shape(tuner: ShapeTuner) -> dict[str, object]:
         fwd_warps=best_fwd[1].fwd_warps)
     candidates = []
     if best_dkdv and best_dq:
-        split = replace(tuned, bwd_fused=False, dkdv_block=best_dkdv[1].dkdv_block, dkdv_warps=best_dkdv[1].dkdv_warps,
-                        dq_block=best_dq[1].dq_block, dq_warps=best_dq[1].dq_warps)
+        dkdv, dq = best_dkdv[1], best_dq[1]
+        split = replace(tuned, bwd_fused=False, dkdv_block=dkdv.dkdv_block, dkdv_step=dkdv.dkdv_step,
+                        dkdv_warps=dkdv.dkdv_warps, dq_block=dq.dq_block, dq_step=dq.dq_step, dq_warps=dq.dq_warps)
         candidates.append((tuner.time("backward", plan_label(split), lambda: tuner.backward(split), tuner.dqkv,
                                       bwd_flops), split))
     if best_fused:

@@ -24,8 +24,8 @@ Backward, no atomics, two forms (:class:`AttentionPlan`):
     block's row of ``P`` is whole, so ``delta = rowsum(P * dP)`` (equal to ``rowsum(dO * O)``) needs
     neither O nor a pre-pass, and dQ is written straight away. One launch, q/k/v/dO each read once.
   * split (larger heads), flash-attention-2's three launches: ``delta = rowsum(dO * O)`` ``(N, H, S)``;
-    dK/dV, ``cdiv(S, B) * N*H`` programs, one owns B keys and walks all queries B at a time; dQ,
-    ``cdiv(S, B') * N*H`` programs, one owns B' queries and walks all keys B' at a time. Keys come in
+    dK/dV, ``cdiv(S, B) * N*H`` programs, one owns B keys and walks all queries T at a time; dQ,
+    ``cdiv(S, B') * N*H`` programs, one owns B' queries and walks all keys T' at a time. Keys come in
     blocks here, so only the head dim is in parts.
   Both write ``d(qkv)`` in the packed layout.
 
@@ -323,42 +323,43 @@ def _attention_bwd_dkdv_kernel(
     stride_n,  # qkv.stride(0)
     stride_s,  # qkv.stride(1)
     scale,  # Dh ** -0.5
-    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # keys this program owns
+    BLOCK_M: tl.constexpr,  # queries per step of its loop
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
-    pid_k, pid_nh = _block_and_head(seq, BLOCK)
+    pid_k, pid_nh = _block_and_head(seq, BLOCK_N)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
     width = num_heads * head_dim
     q_ptr = qkv_ptr + n * stride_n + h * head_dim
     do_ptr = dout_ptr + n * seq * width + h * head_dim
     stats = pid_nh.to(tl.int64) * seq
-    keys = pid_k * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) this program's keys
+    keys = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) this program's keys
     key_ok = keys < seq
-    k0, k1 = _load_parts(q_ptr + width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK, BLOCK_D|E)
+    k0, k1 = _load_parts(q_ptr + width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
     v0, v1 = _load_parts(q_ptr + 2 * width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
-    dk0 = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dk0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if BLOCK_E > 0:
-        dk1 = tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32)
-        dv1 = tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32)
-    for start in range(0, seq, BLOCK):
-        rows = start + tl.arange(0, BLOCK)  # (BLOCK,) query positions
+        dk1 = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    for start in range(0, seq, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
         row_ok = rows < seq
-        q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK, BLOCK_D|E)
+        q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
         do0, do1 = _load_parts(do_ptr, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
-        lse = tl.load(lse_ptr + stats + rows, mask=row_ok, other=0.0)  # (BLOCK,)
+        lse = tl.load(lse_ptr + stats + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
         delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
-        st = _scores(k0, k1, q0, q1, BLOCK_E, NATIVE) * scale  # (BLOCK keys, BLOCK queries)
+        st = _scores(k0, k1, q0, q1, BLOCK_E, NATIVE) * scale  # (BLOCK_N keys, BLOCK_M queries)
         pt = tl.where(key_ok[:, None] & row_ok[None, :], tl.exp(st - lse[None, :]), 0.0)
-        dpt = _scores(v0, v1, do0, do1, BLOCK_E, NATIVE)  # (BLOCK keys, BLOCK queries)
+        dpt = _scores(v0, v1, do0, do1, BLOCK_E, NATIVE)  # (BLOCK_N keys, BLOCK_M queries)
         dst = pt * (dpt - delta[None, :])
-        dv0 += _dot(pt, do0, NATIVE)  # (BLOCK, BLOCK_D)
+        dv0 += _dot(pt, do0, NATIVE)  # (BLOCK_N, BLOCK_D)
         dk0 += _dot(dst, q0, NATIVE)
         if BLOCK_E > 0:
-            dv1 += _dot(pt, do1, NATIVE)  # (BLOCK, BLOCK_E)
+            dv1 += _dot(pt, do1, NATIVE)  # (BLOCK_N, BLOCK_E)
             dk1 += _dot(dst, q1, NATIVE)
     dk_ptr = dqkv_ptr + n * seq * 3 * width + width + h * head_dim
     dv_ptr = dk_ptr + width
@@ -382,33 +383,34 @@ def _attention_bwd_dq_kernel(
     stride_n,  # qkv.stride(0)
     stride_s,  # qkv.stride(1)
     scale,  # Dh ** -0.5
-    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries this program owns
+    BLOCK_N: tl.constexpr,  # keys per step of its loop
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
-    pid_m, pid_nh = _block_and_head(seq, BLOCK)
+    pid_m, pid_nh = _block_and_head(seq, BLOCK_M)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
     width = num_heads * head_dim
     q_ptr = qkv_ptr + n * stride_n + h * head_dim
     do_ptr = dout_ptr + n * seq * width + h * head_dim
-    rows = pid_m * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) this program's queries
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) this program's queries
     row_ok = rows < seq
-    q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK, BLOCK_D|E)
+    q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
     do0, do1 = _load_parts(do_ptr, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
-    dq0 = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dq0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BLOCK_E > 0:
-        dq1 = tl.zeros([BLOCK, BLOCK_E], dtype=tl.float32)
+        dq1 = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
     stats = pid_nh.to(tl.int64) * seq
-    lse = tl.load(lse_ptr + stats + rows, mask=row_ok, other=0.0)  # (BLOCK,)
+    lse = tl.load(lse_ptr + stats + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
     delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
-    for start in range(0, seq, BLOCK):
-        keys = start + tl.arange(0, BLOCK)  # (BLOCK,) key positions
+    for start in range(0, seq, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
         key_ok = keys < seq
-        k0, k1 = _load_parts(q_ptr + width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK, BLOCK_D|E)
+        k0, k1 = _load_parts(q_ptr + width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
         v0, v1 = _load_parts(q_ptr + 2 * width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
-        s = _scores(q0, q1, k0, k1, BLOCK_E, NATIVE) * scale  # (BLOCK queries, BLOCK keys)
+        s = _scores(q0, q1, k0, k1, BLOCK_E, NATIVE) * scale  # (BLOCK_M queries, BLOCK_N keys)
         p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = _scores(do0, do1, v0, v1, BLOCK_E, NATIVE)
         ds = p * (dp - delta[:, None])
@@ -447,9 +449,11 @@ class AttentionPlan:
     bwd_fused: bool
     bwd_block_m: int  # fused: queries per step of the loop
     bwd_warps: int  # fused
-    dkdv_block: int  # split: keys per dK/dV program, and queries per step of its loop
+    dkdv_block: int  # split: keys per dK/dV program
+    dkdv_step: int  # split: queries per step of the dK/dV loop
     dkdv_warps: int
-    dq_block: int  # split: queries per dQ program, and keys per step of its loop
+    dq_block: int  # split: queries per dQ program
+    dq_step: int  # split: keys per step of the dQ loop
     dq_warps: int
 
     def check(self, seq: int, head_dim: int) -> None:
@@ -458,7 +462,7 @@ class AttentionPlan:
             raise ValueError(f"plan's key parts {self.key_parts} / head-dim parts {self.dim_parts} do not cover "
                              f"S = {seq}, Dh = {head_dim}")
         blocks = [*self.key_parts, *self.dim_parts, self.fwd_block_m, self.bwd_block_m, self.dkdv_block,
-                  self.dq_block]
+                  self.dkdv_step, self.dq_block, self.dq_step]
         if any(b and (b < 16 or b & (b - 1)) for b in blocks) or not self.key_parts[0] or not self.dim_parts[0]:
             raise ValueError(f"plan blocks must be powers of two >= 16 (extra parts may be 0), got {self}")
 
@@ -478,15 +482,20 @@ def default_plan(seq: int, head_dim: int) -> AttentionPlan:
         bwd_fused=keys * depth <= FUSED_BWD_MAX_TILE and dim_parts[1] == 0,
         bwd_block_m=32 if keys * depth <= 64 * 64 else 16,
         bwd_warps=8,
-        dkdv_block=32, dkdv_warps=8 if depth > 64 else 4,
-        dq_block=32 if depth > 64 else 64, dq_warps=8 if depth >= 64 else 4,
+        dkdv_block=32, dkdv_step=32, dkdv_warps=8 if depth > 64 else 4,
+        dq_block=32 if depth > 64 else 64, dq_step=32 if depth > 64 else 64, dq_warps=8 if depth >= 64 else 4,
     )
+
+
+def _split_blocks() -> list[tuple[int, int, int]]:
+    """(block owned, step of the loop, warps) of the split backward's launches that the sweep tries."""
+    return [(b, t, w) for b in (16, 32, 64) for t in (16, 32, 64) for w in (4, 8)]
 
 
 def tuning_plans(seq: int, head_dim: int) -> dict[str, list[AttentionPlan]]:
     """The alternatives to :func:`default_plan` that ``bench/tune_attention.py`` times, by the launch they
     vary: "forward" (query rows, warps, keys in two parts or one tile), "fused backward" (the same, the
-    backward fused), "dkdv" and "dq" (block, warps; the backward split). Each is the default plan with
+    backward fused), "dkdv" and "dq" (block, step, warps; the backward split). Each is the default plan with
     those fields replaced, so a "dkdv" plan also takes the split form where the default is fused."""
     from dataclasses import replace
 
@@ -498,8 +507,8 @@ def tuning_plans(seq: int, head_dim: int) -> dict[str, list[AttentionPlan]]:
                     for keys in key_choices for m in (16, 32, 64, 128) for w in (4, 8)],
         "fused backward": [replace(base, key_parts=keys, bwd_fused=True, bwd_block_m=m, bwd_warps=w)
                            for keys in key_choices for m in (16, 32) for w in (4, 8)],
-        "dkdv": [replace(split, dkdv_block=b, dkdv_warps=w) for b in (16, 32, 64) for w in (4, 8)],
-        "dq": [replace(split, dq_block=b, dq_warps=w) for b in (16, 32, 64) for w in (4, 8)],
+        "dkdv": [replace(split, dkdv_block=b, dkdv_step=t, dkdv_warps=w) for b, t, w in _split_blocks()],
+        "dq": [replace(split, dq_block=b, dq_step=t, dq_warps=w) for b, t, w in _split_blocks()],
     }
 
 
@@ -552,10 +561,12 @@ def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Ten
         num_warps=4)
     wrap_triton(_attention_bwd_dkdv_kernel)[(triton.cdiv(seq, plan.dkdv_block) * nh,)](
         qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, *strides,
-        BLOCK=plan.dkdv_block, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=native, num_warps=plan.dkdv_warps)
+        BLOCK_N=plan.dkdv_block, BLOCK_M=plan.dkdv_step, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=native,
+        num_warps=plan.dkdv_warps)
     wrap_triton(_attention_bwd_dq_kernel)[(triton.cdiv(seq, plan.dq_block) * nh,)](
         qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, *strides,
-        BLOCK=plan.dq_block, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=native, num_warps=plan.dq_warps)
+        BLOCK_M=plan.dq_block, BLOCK_N=plan.dq_step, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=native,
+        num_warps=plan.dq_warps)
     return dqkv
 
 
@@ -609,9 +620,11 @@ _SIG_BWD_FUSED = {"qkv_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "lse_ptr": "*fp
                   **_COMMON, **_STRIDES, "BLOCK_M": "constexpr", **_PARTS}
 _SIG_DELTA = {"out_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "delta_ptr": "*fp32", **_COMMON,
               "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_E": "constexpr"}
-_SIG_BWD_SPLIT = {"qkv_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-                  "dqkv_ptr": "*{dtype}", **_COMMON, **_STRIDES,
-                  "BLOCK": "constexpr", "BLOCK_D": "constexpr", "BLOCK_E": "constexpr", "NATIVE": "constexpr"}
+_SIG_SPLIT = {"qkv_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+              "dqkv_ptr": "*{dtype}", **_COMMON, **_STRIDES}
+_DIMS = {"BLOCK_D": "constexpr", "BLOCK_E": "constexpr", "NATIVE": "constexpr"}
+_SIG_DKDV = {**_SIG_SPLIT, "BLOCK_N": "constexpr", "BLOCK_M": "constexpr", **_DIMS}
+_SIG_DQ = {**_SIG_SPLIT, "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", **_DIMS}
 
 
 def aot_kernels(plan: AttentionPlan) -> list[AotKernel]:
@@ -630,12 +643,12 @@ def aot_kernels(plan: AttentionPlan) -> list[AotKernel]:
         *kernels,
         AotKernel(fn=_attention_bwd_delta_kernel, signature=_SIG_DELTA, constexprs={"BLOCK_M": DELTA_BLOCK, **dims},
                   num_warps=4, label=f"D{block_d}+{block_e}"),
-        AotKernel(fn=_attention_bwd_dkdv_kernel, signature=_SIG_BWD_SPLIT,
-                  constexprs={"BLOCK": plan.dkdv_block, **dims, "NATIVE": True}, num_warps=plan.dkdv_warps,
-                  label=f"B{plan.dkdv_block}-D{block_d}+{block_e}"),
-        AotKernel(fn=_attention_bwd_dq_kernel, signature=_SIG_BWD_SPLIT,
-                  constexprs={"BLOCK": plan.dq_block, **dims, "NATIVE": True}, num_warps=plan.dq_warps,
-                  label=f"B{plan.dq_block}-D{block_d}+{block_e}"),
+        AotKernel(fn=_attention_bwd_dkdv_kernel, signature=_SIG_DKDV,
+                  constexprs={"BLOCK_N": plan.dkdv_block, "BLOCK_M": plan.dkdv_step, **dims, "NATIVE": True},
+                  num_warps=plan.dkdv_warps, label=f"N{plan.dkdv_block}-M{plan.dkdv_step}-D{block_d}+{block_e}"),
+        AotKernel(fn=_attention_bwd_dq_kernel, signature=_SIG_DQ,
+                  constexprs={"BLOCK_M": plan.dq_block, "BLOCK_N": plan.dq_step, **dims, "NATIVE": True},
+                  num_warps=plan.dq_warps, label=f"M{plan.dq_block}-N{plan.dq_step}-D{block_d}+{block_e}"),
     ]
 
 

@@ -53,12 +53,13 @@ def _fake_clock(tune, monkeypatch: pytest.MonkeyPatch, cost: Callable[[str, kern
 
 
 def _cost(kind: str, plan: kernels.AttentionPlan) -> float:
-    """Fastest forward: 32 rows on 8 warps; the split backward is fastest with dK/dV B16 w8 and dQ B32 w4."""
+    """Fastest forward: 32 rows on 8 warps; the split backward is fastest with dK/dV B16 T32 w8 and dQ B32 T64 w4."""
     if kind == "forward":
         return 1.0 + (plan.fwd_block_m != 32) + (plan.fwd_warps != 8)
     if plan.bwd_fused:
         return 4.0
-    return 1.0 + (plan.dkdv_block != 16) + (plan.dkdv_warps != 8) + (plan.dq_block != 32) + (plan.dq_warps != 4)
+    return (1.0 + (plan.dkdv_block != 16) + (plan.dkdv_step != 32) + (plan.dkdv_warps != 8) + (plan.dq_block != 32)
+            + (plan.dq_step != 64) + (plan.dq_warps != 4))
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -72,7 +73,7 @@ def test_tuned_plan_takes_the_fastest_parts(tune, monkeypatch: pytest.MonkeyPatc
     result = tune.tune_shape(tune.ShapeTuner("tiny", SHAPE, rows.append, torch.float32, "cpu"))
     s, dh = SHAPE[1], SHAPE[3]
     want = replace(kernels.default_plan(s, dh), fwd_block_m=32, fwd_warps=8, bwd_fused=False, dkdv_block=16,
-                   dkdv_warps=8, dq_block=32, dq_warps=4)
+                   dkdv_step=32, dkdv_warps=8, dq_block=32, dq_step=64, dq_warps=4)
     assert result["tuned"] == want
     assert result["times"]["tuned"] == pytest.approx(1e6 * 2.0)  # 1 s forward + 1 s backward
     alternatives = sum(len(plans) for plans in kernels.tuning_plans(s, dh).values())

@@ -121,8 +121,11 @@ def test_plan_check_names_what_does_not_fit() -> None:
 
 # Every plan bench/tune_attention.py may time (and so may make the default) against the reference, at MAE's
 # four (S, Dh) pairs: the forward alternatives, and the backward ones fed the default forward's out and lse.
+# Plans that differ in warps only are run once: the interpreter ignores num_warps (the AOT test compiles them).
 @pytest.mark.parametrize("s,dh", [(50, 64), (65, 80), (197, 32), (257, 32)], ids=lambda v: str(v))
 def test_every_tuning_plan_matches_reference_fp32(s: int, dh: int) -> None:
+    from dataclasses import replace
+
     from fastmae.kernels.attention import attention_backward, attention_forward, default_plan, tuning_plans
 
     n, h = 1, 1
@@ -132,14 +135,15 @@ def test_every_tuning_plan_matches_reference_fp32(s: int, dh: int) -> None:
     out, lse = attention_forward(qkv.detach(), h, default_plan(s, dh))
     checked = 0
     for part, plans in tuning_plans(s, dh).items():
-        for plan in plans:
+        one_per_tiling = {replace(p, fwd_warps=4, bwd_warps=4, dkdv_warps=4, dq_warps=4): None for p in plans}
+        for plan in one_per_tiling:
             if part == "forward":
                 assert_rel_close(attention_forward(qkv.detach(), h, plan)[0], want_out, 1e-5, f"{part}: {plan}")
             else:
                 got = attention_backward(upstream, qkv.detach(), out, lse, h, plan)
                 assert_rel_close(got, want_grad, 1e-5, f"{part}: {plan}")
             checked += 1
-    assert checked >= 24
+    assert checked >= 20  # 4 forward, 2 fused, 9 dK/dV and 9 dQ tilings at the fewest (S 50: keys in one tile)
 
 
 def test_triton_is_picked_by_priority_only_where_it_measured_faster() -> None:
