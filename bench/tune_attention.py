@@ -10,7 +10,9 @@ forward's output). It then assembles the tuned plan (fastest forward; the faster
 and the split backward with the fastest dK/dV and dQ launches together, timed as assembled: part "backward")
 and times forward + backward of the default plan and the tuned plan (both checked against the default plan's
 gradient, which covers the saved lse) and of SDPA pinned to each kernel (flash, efficient, cuDNN; through
-autograd, as the op runs it). Every row lands in the CSV (``part``: forward, fused backward, dkdv, dq,
+autograd, as the op runs it). Before the timing, ``--warm-workers`` processes run every alternative once, so that Triton's
+compilations (one at a time in a process) overlap and the timing process loads them from the on-disk cache; a
+plan that raised there is not run again. Every row lands in the CSV (``part``: forward, fused backward, dkdv, dq,
 backward, fwd+bwd); a plan that fails to compile or whose result differs from the default plan's by more than
 bf16 allows is a row with its error, never a timing. Printed last: per shape, the default and tuned plans against SDPA's fastest, and the tuned
 plans as Python, for ``default_plan``.
@@ -37,6 +39,7 @@ from fastmae.kernels.attention import (AttentionPlan, attention_backward, attent
 from fastmae.ops.attention import attention_sdpa
 
 CALLS = 25  # passes per CUDA-event measurement
+DEVICE, DTYPE = "cuda", torch.bfloat16
 AGREE = 2.0**-6  # relative distance from the default plan's bf16 result (both round to bf16 once or twice)
 FIELDS = ["case", "part", "plan", "gpu_us", "TFLOP/s", "error", "batch", "seq", "heads", "head_dim", "dtype",
           "gpu", "torch", "triton"]
@@ -60,7 +63,7 @@ class ShapeTuner:
     """The tensors of one shape and the timing of a launch on them."""
 
     def __init__(self, case: str, shape: tuple[int, int, int, int], writer: Callable[[dict], None],
-                 dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> None:
+                 dtype: torch.dtype = DTYPE, device: str = DEVICE) -> None:
         self.case = case
         self.n, self.s, self.h, self.dh = shape
         g = torch.Generator().manual_seed(0)
@@ -77,6 +80,13 @@ class ShapeTuner:
 
     def backward(self, plan: AttentionPlan) -> torch.Tensor:
         return attention_backward(self.upstream, self.qkv, self.out, self.lse, self.h, plan)
+
+    def alternative(self, part: str, plan: AttentionPlan) -> tuple[Callable[[], torch.Tensor], torch.Tensor, float]:
+        """``(step, the default plan's result it must match, its FLOPs)`` of a plan of ``tuning_plans``' part."""
+        fwd_flops = self.flops * 2 / 7  # the forward is 2 of forward+backward's 7 units
+        if part == "forward":
+            return (lambda: self.forward(plan)), self.out, fwd_flops
+        return (lambda: self.backward(plan)), self.dqkv, self.flops - fwd_flops
 
     def time(self, part: str, label: str, step: Callable[[], torch.Tensor], want: torch.Tensor | None,
              flops: float) -> float | None:
@@ -106,19 +116,52 @@ def _best(timed: list[tuple[float | None, AttentionPlan]]) -> tuple[float, Atten
     return min(ok, key=lambda pair: pair[0]) if ok else None
 
 
-def tune_shape(tuner: ShapeTuner) -> dict[str, object]:
-    """Times every alternative of one shape, then the default, tuned and SDPA forward + backward."""
-    fwd_flops = tuner.flops * 2 / 7  # the forward is 2 of forward+backward's 7 units
-    bwd_flops = tuner.flops - fwd_flops
+def warm_part(case: str, shape: tuple[int, int, int, int], part: str, device: str, dtype: str) -> dict[str, str]:
+    """Runs each plan of one part of ``tuning_plans`` once, compiling it into Triton's on-disk cache (a worker
+    process of ``--warm-workers``): ``{plan label: error}`` of the plans that raised. After a CUDA error, which
+    leaves the process's context unusable, the rest are left for the timing process to compile."""
+    tuner = ShapeTuner(case, shape, lambda row: None, getattr(torch, dtype), device)
+    failed = {}
+    for plan in tuning_plans(tuner.s, tuner.dh)[part]:
+        try:
+            tuner.alternative(part, plan)[0]()
+        except Exception as error:  # noqa: BLE001 -- reported, never retried by the timing process
+            failed[plan_label(plan)] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            if "CUDA" in str(error):
+                break
+    return failed
+
+
+def warm_up(cases: list[str], workers: int, device: str, dtype: str) -> dict[str, dict[str, str]]:
+    """Compiles every alternative of ``cases`` in ``workers`` processes at once (Triton compiles one kernel at
+    a time per process; the timing process then loads them from the cache): ``{case: {label: error}}``."""
+    import multiprocessing
+
+    tasks = [(case, SHAPES[case], part, device, dtype) for case in cases
+             for part in tuning_plans(SHAPES[case][1], SHAPES[case][3])]
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        results = pool.starmap(warm_part, tasks)
+    failed: dict[str, dict[str, str]] = {case: {} for case in cases}
+    for (case, *_), errors in zip(tasks, results):
+        failed[case].update(errors)
+    return failed
+
+
+def tune_shape(tuner: ShapeTuner, failed: dict[str, str] | None = None) -> dict[str, object]:
+    """Times every alternative of one shape (but those in ``failed``, {label: error} from the warm-up: rows
+    with their error), then the default, tuned and SDPA forward + backward."""
+    bwd_flops = tuner.alternative("backward", tuner.default)[2]
     timed: dict[str, list[tuple[float | None, AttentionPlan]]] = {}
     for part, part_plans in tuning_plans(tuner.s, tuner.dh).items():
         timed[part] = []
         for plan in part_plans:
-            if part == "forward":
-                us = tuner.time(part, plan_label(plan), lambda p=plan: tuner.forward(p), tuner.out, fwd_flops)
-            else:
-                us = tuner.time(part, plan_label(plan), lambda p=plan: tuner.backward(p), tuner.dqkv, bwd_flops)
-            timed[part].append((us, plan))
+            label = plan_label(plan)
+            if failed and label in failed:
+                tuner.writer({"case": tuner.case, "part": part, "plan": label, "error": "warm-up: " + failed[label]})
+                timed[part].append((None, plan))
+                continue
+            step, want, flops = tuner.alternative(part, plan)
+            timed[part].append((tuner.time(part, label, step, want, flops), plan))
     best_fwd, best_fused = _best(timed["forward"]), _best(timed["fused backward"])
     best_dkdv, best_dq = _best(timed["dkdv"]), _best(timed["dq"])
     tuned = tuner.default if best_fwd is None else replace(
@@ -163,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, required=True, help="rows appended here (created with a header)")
     parser.add_argument("--cases", default=",".join(SHAPES), help=f"comma-separated, from: {', '.join(SHAPES)}")
     parser.add_argument("--max-seconds", type=float, default=float("inf"), help="stop starting shapes after this")
+    parser.add_argument("--warm-workers", type=int, default=8,
+                        help="processes compiling every alternative before the timing (0: compile while timing)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/tune_attention.py times GPU kernels: no CUDA device here", file=sys.stderr)
@@ -174,10 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     versions = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                "dtype": "torch.bfloat16"}
+                "dtype": str(DTYPE)}
+    start = time.monotonic()  # --max-seconds counts the warm-up too
+    failed: dict[str, dict[str, str]] = {}
+    if args.warm_workers > 0:
+        failed = warm_up(cases, args.warm_workers, DEVICE, str(DTYPE).removeprefix("torch."))
+        print(f"warm-up: {args.warm_workers} processes ran every alternative once in {time.monotonic() - start:.0f} s")
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     new = not args.csv.exists() or os.path.getsize(args.csv) == 0
-    start = time.monotonic()
     summary = []
     with open(args.csv, "a", newline="") as handle:
         out = csv.DictWriter(handle, FIELDS)
@@ -193,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 out.writerow({**row, "batch": n, "seq": s, "heads": h, "head_dim": dh, **versions})
                 handle.flush()
 
-            result = tune_shape(ShapeTuner(case, SHAPES[case], write))
+            result = tune_shape(ShapeTuner(case, SHAPES[case], write, DTYPE, DEVICE), failed.get(case))
             summary.append((case, s, dh, result))
     for case, s, dh, result in summary:
         times = result["times"]

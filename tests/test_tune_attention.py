@@ -111,17 +111,16 @@ def test_main_writes_the_csv_and_refuses_without_a_gpu(tune, monkeypatch: pytest
     monkeypatch.setattr(tune.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(tune.torch.cuda, "get_device_name", lambda: "Fake GPU")
     monkeypatch.setitem(tune.SHAPES, "tiny", SHAPE)
-    real_tuner = tune.ShapeTuner
-    monkeypatch.setattr(tune, "ShapeTuner", lambda case, shape, write: real_tuner(case, shape, write, torch.float32,
-                                                                                    "cpu"))
+    monkeypatch.setattr(tune, "DEVICE", "cpu")
+    monkeypatch.setattr(tune, "DTYPE", torch.float32)
     with pytest.raises(SystemExit):
         tune.main(["--csv", str(out), "--cases", "no such case"])
-    assert tune.main(["--csv", str(out), "--cases", "tiny"]) == 0
+    assert tune.main(["--csv", str(out), "--cases", "tiny", "--warm-workers", "0"]) == 0
     rows = _rows(out)
     assert rows and {r["gpu"] for r in rows} == {"Fake GPU"} and {r["case"] for r in rows} == {"tiny"}
     printed = capsys.readouterr().out
     assert "(17, 32): AttentionPlan(**{" in printed and "tiny: default" in printed
-    assert tune.main(["--csv", str(out), "--cases", "tiny"]) == 0  # appended, one header
+    assert tune.main(["--csv", str(out), "--cases", "tiny", "--warm-workers", "0"]) == 0  # appended, one header
     assert len(_rows(out)) == 2 * len(rows)
 
 
@@ -140,3 +139,34 @@ def test_a_plan_with_nan_results_is_an_error_row(tune, monkeypatch: pytest.Monke
     nan_rows = [r for r in rows if r["part"] == "forward" and " fwd M16 " in r["plan"]]
     assert nan_rows and all("differs from the default plan's" in r.get("error", "") for r in nan_rows)
     assert result["tuned"].fwd_block_m != 16
+
+
+def test_warm_up_runs_every_alternative_in_workers_and_reports_failures(tune, monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:  # noqa: ANN001
+    """Two spawned processes run every alternative once (interpreter, CPU); a plan that raised there is an error
+    row of the timing and never timed again."""
+    monkeypatch.setitem(tune.SHAPES, "tiny", SHAPE)
+    failed = tune.warm_up(["tiny"], 2, "cpu", "float32")
+    assert failed == {"tiny": {}}  # every tiling runs
+    bad = kernels.tuning_plans(SHAPE[1], SHAPE[3])["dq"][0]
+    _fake_clock(tune, monkeypatch, _cost)
+    rows: list[dict] = []
+    tune.tune_shape(tune.ShapeTuner("tiny", SHAPE, rows.append, torch.float32, "cpu"),
+                    {tune.plan_label(bad): "RuntimeError: out of resources (simulated)"})
+    bad_rows = [r for r in rows if r["part"] == "dq" and r["plan"] == tune.plan_label(bad)]
+    assert len(bad_rows) == 1 and bad_rows[0]["error"] == "warm-up: RuntimeError: out of resources (simulated)"
+    assert "gpu_us" not in bad_rows[0]
+
+
+def test_warm_part_reports_each_failing_plan(tune, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    backward = tune.attention_backward
+
+    def flaky(grad, qkv, out, lse, h, plan):  # noqa: ANN001, ANN202
+        if not plan.bwd_fused and plan.dq_block == 64:
+            raise RuntimeError("PTXAS error (simulated)")
+        return backward(grad, qkv, out, lse, h, plan)
+
+    monkeypatch.setattr(tune, "attention_backward", flaky)
+    failed = tune.warm_part("tiny", SHAPE, "dq", "cpu", "float32")
+    want = {tune.plan_label(p) for p in kernels.tuning_plans(SHAPE[1], SHAPE[3])["dq"] if p.dq_block == 64}
+    assert set(failed) == want and all("PTXAS error (simulated)" in e for e in failed.values())
