@@ -7,6 +7,7 @@ only, skipped with the reason when apex is not installed.
 
 from __future__ import annotations
 
+import copy
 import importlib.abc
 import sys
 import types
@@ -73,6 +74,28 @@ class FakeApex:
             def zero_grad(self) -> None:
                 raise AssertionError("apex's own zero_grad takes no set_to_none; fastmae must not call it")
 
+            @torch.no_grad()
+            def step(self) -> None:
+                """AdamW as apex's FusedAdam (adam_w_mode) updates, its state as apex keeps it: one step count
+                per group (``group["step"]``, counted before the update) and fp32 moments per parameter."""
+                for group in self.param_groups:
+                    group["step"] = group.get("step", 0) + 1
+                    beta1, beta2 = group["betas"]
+                    fix1, fix2 = (1 - beta1 ** group["step"], 1 - beta2 ** group["step"]) \
+                        if group["bias_correction"] else (1.0, 1.0)
+                    for p in group["params"]:
+                        if p.grad is None:
+                            continue
+                        state = self.state[p]
+                        if not state:
+                            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                        m, v = state["exp_avg"], state["exp_avg_sq"]
+                        m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                        v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                        update = (m / fix1) / ((v / fix2).sqrt() + group["eps"]) + group["weight_decay"] * p
+                        p.sub_(group["lr"] * update)
+
         def fused_layer_norm_affine(x, weight, bias, normalized_shape, eps=1e-6,  # noqa: ANN001, ANN202
                                     memory_efficient=False):
             fake.layer_norm_calls.append((x, weight, bias, tuple(normalized_shape), eps))
@@ -127,6 +150,60 @@ def test_without_apex_cuda_chooses_fused_adamw(no_apex: None, monkeypatch: pytes
     monkeypatch.setattr(optim, "choose_optimizer", lambda device: choice)
     opt = optim.build_optimizer(_model(), lr=1e-3)
     assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True and not opt.defaults["foreach"]
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    """Fixed gradients per step number, so two optimizers can continue the same run."""
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g).to(p.device)
+        opt.step()
+
+
+def _torch_adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(optim.param_groups(model, 0.05), lr=1e-2, betas=(0.9, 0.95), foreach=True)
+
+
+def _apex_adamw(fake: FakeApex, model: nn.Module) -> torch.optim.Optimizer:
+    return fake.FusedAdam(optim.param_groups(model, 0.05), lr=1e-2, betas=(0.9, 0.95), adam_w_mode=True)
+
+
+@pytest.mark.parametrize("first", ["torch", "apex"])
+def test_checkpoint_resumes_with_the_other_adamw(fake_apex: FakeApex, first: str) -> None:
+    """Three steps with one AdamW, its state_dict adapted for the other, two more steps with that: the same
+    weights as five steps with the first (apex keeps one step count per group, torch one per parameter)."""
+    build = {"torch": _torch_adamw, "apex": lambda model: _apex_adamw(fake_apex, model)}
+    second = "apex" if first == "torch" else "torch"
+    torch.manual_seed(0)
+    straight = _model()
+    resumed = copy.deepcopy(straight)
+    opt = build[first](straight)
+    _train(straight, opt, range(3))
+    saved = copy.deepcopy(opt.state_dict())
+    _train(straight, opt, range(3, 5))
+    _train(resumed, build[first](resumed), range(3))  # the same three steps: the checkpoint's weights
+    other = build[second](resumed)
+    adapted = optim.adapt_optimizer_state(saved, other)
+    assert adapted is not saved and optim._apex_form(adapted["param_groups"]) == (second == "apex")
+    other.load_state_dict(adapted)
+    _train(resumed, other, range(3, 5))
+    for got, want in zip(resumed.parameters(), straight.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert optim.adapt_optimizer_state(saved, build[first](_model())) is saved  # same kind: untouched
+
+
+def test_adapting_refuses_what_does_not_fit(fake_apex: FakeApex) -> None:
+    model = _model()
+    torch_opt = _torch_adamw(model)
+    _train(model, torch_opt, range(2))
+    saved = torch_opt.state_dict()
+    one_group = fake_apex.FusedAdam(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="2 parameter groups, this run's 1"):
+        optim.adapt_optimizer_state(saved, one_group)
+    saved["state"][0]["step"] = torch.tensor(7.0)  # one parameter of group 0 counted differently
+    with pytest.raises(ValueError, match=r"different step counts \[2.0, 7.0\]"):
+        optim.adapt_optimizer_state(saved, _apex_adamw(fake_apex, model))
 
 
 def test_apex_without_its_cuda_extension_is_not_used(fake_apex: FakeApex, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -252,3 +329,28 @@ def test_real_apex_fused_adam_steps_as_torch_adamw() -> None:
             o.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert_rel_close(p, q, 1e-5, "parameters after 3 steps")
+
+
+@pytest.mark.gpu
+@needs_apex
+@pytest.mark.parametrize("first", ["torch", "apex"])
+def test_real_apex_and_torch_adamw_resume_each_other(first: str) -> None:
+    """As test_checkpoint_resumes_with_the_other_adamw, with apex's real FusedAdam on CUDA."""
+    def build(kind: str, model: nn.Module) -> torch.optim.Optimizer:
+        if kind == "apex":
+            return optim.build_optimizer(model, lr=1e-2)
+        return torch.optim.AdamW(optim.param_groups(model, 0.05), lr=1e-2, betas=(0.9, 0.95), fused=True)
+
+    torch.manual_seed(0)
+    straight = _model().cuda()
+    resumed = copy.deepcopy(straight)
+    opt = build(first, straight)
+    _train(straight, opt, range(3))
+    saved = copy.deepcopy(opt.state_dict())
+    _train(straight, opt, range(3, 5))
+    _train(resumed, build(first, resumed), range(3))
+    other = build("apex" if first == "torch" else "torch", resumed)
+    other.load_state_dict(optim.adapt_optimizer_state(saved, other))
+    _train(resumed, other, range(3, 5))
+    for got, want in zip(resumed.parameters(), straight.parameters()):
+        assert_rel_close(got, want, 1e-5, "parameters after resuming with the other AdamW")

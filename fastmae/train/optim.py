@@ -94,6 +94,46 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, foreach=not fused)
 
 
+def _apex_form(groups: list[dict]) -> bool:
+    """Whether optimizer param groups are apex FusedAdam's: it keeps ``bias_correction`` in every group."""
+    return any("bias_correction" in group for group in groups)
+
+
+def adapt_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """``saved``, a ``state_dict()`` of apex's FusedAdam or of torch's AdamW, in the form ``optimizer`` loads:
+    a one-file checkpoint resumes on a machine with or without apex (the same run's groups and parameters).
+
+    The moments carry over unchanged; the step count moves between apex's one per group (``group["step"]``) and
+    torch's one per parameter (``state[i]["step"]``); group settings take the saved value of every key
+    ``optimizer`` has and its own value for the rest (apex's ``bias_correction``; torch's ``fused``, ``foreach``).
+    Returned as it is when both are the same kind. ValueError when the groups do not match or one group's
+    parameters have different step counts (apex cannot hold that)."""
+    if _apex_form(saved["param_groups"]) == _apex_form(optimizer.param_groups):
+        return saved
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, this "
+                         f"run's {len(optimizer.param_groups)}: not the same model and recipe")
+    to_apex = _apex_form(optimizer.param_groups)
+    state = {index: dict(values) for index, values in saved["state"].items()}
+    groups = []
+    for old, current in zip(saved["param_groups"], optimizer.param_groups):
+        group = {key: old.get(key, value) for key, value in current.items() if key not in ("params", "step")}
+        group["params"] = list(old["params"])
+        mine = [state[index] for index in old["params"] if index in state]
+        if to_apex:
+            counts = sorted({float(values.pop("step")) for values in mine if "step" in values})
+            if len(counts) > 1:
+                raise ValueError(f"parameters of one group have different step counts {counts}; apex's FusedAdam "
+                                 "keeps one count per group")
+            if counts:
+                group["step"] = int(counts[0])
+        elif "step" in old:
+            for values in mine:
+                values["step"] = torch.tensor(float(old["step"]), dtype=torch.float32)
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
     """Linear warmup from 0 to ``base_lr`` over ``warmup_steps``, then half-cosine to ``min_lr``."""
     if step < warmup_steps:
