@@ -190,7 +190,36 @@ def test_checkpoint_resumes_with_the_other_adamw(fake_apex: FakeApex, first: str
     _train(resumed, other, range(3, 5))
     for got, want in zip(resumed.parameters(), straight.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert optim.adapt_optimizer_state(saved, build[first](_model())) is saved  # same kind: untouched
+    fresh = build[second](_model())
+    for group in fresh.param_groups:
+        group.update(lr=123.0, betas=(0.5, 0.5), eps=1.0)
+    recipe = [(g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"]) for g in saved["param_groups"]]
+    assert [(g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"])
+            for g in optim.adapt_optimizer_state(saved, fresh)["param_groups"]] == recipe  # the checkpoint's
+    same = optim.adapt_optimizer_state(saved, build[first](_model()))  # same kind: the state as it is
+    assert same["state"] is saved["state"] and same["param_groups"] == saved["param_groups"]
+
+
+def test_a_cpu_checkpoint_resumes_with_the_fused_adamw() -> None:
+    """A foreach AdamW's checkpoint (a CPU run) loaded into the fused AdamW chosen on CUDA keeps fused: the
+    non-finite guard's on-device skip (found_inf) needs it, the checkpoint's foreach must not come back."""
+    from fastmae.train.nonfinite import optimizer_step
+
+    model = _model()
+    cpu_run = _torch_adamw(model)
+    _train(model, cpu_run, range(2))
+    fused = torch.optim.AdamW(optim.param_groups(model, 0.05), lr=1e-2, betas=(0.9, 0.95), fused=True)
+    fused.load_state_dict(optim.adapt_optimizer_state(cpu_run.state_dict(), fused))
+    assert all(g["fused"] is True and not g["foreach"] for g in fused.param_groups)
+    assert [g["lr"] for g in fused.param_groups] == [g["lr"] for g in cpu_run.param_groups]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer_step(fused, scaler, torch.ones((), dtype=torch.bool))  # skipped on the device
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    optimizer_step(fused, scaler, torch.zeros((), dtype=torch.bool))
+    assert not any(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_adapting_refuses_what_does_not_fit(fake_apex: FakeApex) -> None:

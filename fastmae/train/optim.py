@@ -99,25 +99,41 @@ def _apex_form(groups: list[dict]) -> bool:
     return any("bias_correction" in group for group in groups)
 
 
+def saved_by_other_adamw(saved: dict, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``saved`` (a ``state_dict()``) comes from apex's FusedAdam and ``optimizer`` is torch's AdamW, or
+    the other way round."""
+    return _apex_form(saved["param_groups"]) != _apex_form(optimizer.param_groups)
+
+
+# How torch's AdamW runs a step, not the recipe: taken from this run's optimizer, never from the checkpoint
+# (a checkpoint of a CPU run says foreach; resumed on CUDA the fused step must run, which the non-finite skip
+# relies on).
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def adapt_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
     """``saved``, a ``state_dict()`` of apex's FusedAdam or of torch's AdamW, in the form ``optimizer`` loads:
-    a one-file checkpoint resumes on a machine with or without apex (the same run's groups and parameters).
+    a one-file checkpoint resumes on a machine with or without apex, on CPU or CUDA (same run, same groups).
 
-    The moments carry over unchanged; the step count moves between apex's one per group (``group["step"]``) and
-    torch's one per parameter (``state[i]["step"]``); group settings take the saved value of every key
-    ``optimizer`` has and its own value for the rest (apex's ``bias_correction``; torch's ``fused``, ``foreach``).
-    Returned as it is when both are the same kind. ValueError when the groups do not match or one group's
-    parameters have different step counts (apex cannot hold that)."""
-    if _apex_form(saved["param_groups"]) == _apex_form(optimizer.param_groups):
-        return saved
+    The moments carry over unchanged. Between the two kinds the step count moves between apex's one per group
+    (``group["step"]``) and torch's one per parameter (``state[i]["step"]``), and group settings take the saved
+    value of every key ``optimizer`` has and its own value for the rest (apex's ``bias_correction``; torch's
+    ``fused``, ``foreach``). Between two torch AdamWs only the implementation keys (``fused``, ``foreach``,
+    ``capturable``, ``differentiable``) become ``optimizer``'s. ``saved`` is not modified. ValueError when the
+    groups do not match or one group's parameters have different step counts (apex cannot hold that)."""
     if len(saved["param_groups"]) != len(optimizer.param_groups):
         raise ValueError(f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, this "
                          f"run's {len(optimizer.param_groups)}: not the same model and recipe")
+    if not saved_by_other_adamw(saved, optimizer):
+        groups = [{**old, **{key: current[key] for key in _IMPLEMENTATION_KEYS if key in current}}
+                  for old, current in zip(saved["param_groups"], optimizer.param_groups)]
+        return {"state": saved["state"], "param_groups": groups}
     to_apex = _apex_form(optimizer.param_groups)
     state = {index: dict(values) for index, values in saved["state"].items()}
     groups = []
     for old, current in zip(saved["param_groups"], optimizer.param_groups):
         group = {key: old.get(key, value) for key, value in current.items() if key not in ("params", "step")}
+        group.update({key: current[key] for key in _IMPLEMENTATION_KEYS if key in current})
         group["params"] = list(old["params"])
         mine = [state[index] for index in old["params"] if index in state]
         if to_apex:

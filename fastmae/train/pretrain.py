@@ -36,7 +36,8 @@ from fastmae.train.faults import maybe_pause, maybe_signal, poison_loss
 from fastmae.train.figure import save_reconstruction_figure
 from fastmae.train.masks import mask_noise
 from fastmae.train.nonfinite import NonFiniteError, NonFiniteGuard, optimizer_step, skip_syncs_host
-from fastmae.train.optim import adapt_optimizer_state, build_optimizer, choose_optimizer, lr_at
+from fastmae.train.optim import (adapt_optimizer_state, build_optimizer, choose_optimizer, lr_at,
+                                 saved_by_other_adamw)
 from fastmae.train.preemption import PreemptionWatch
 from fastmae.train.run_log import RunLog
 from fastmae.train.sharded import load_sharded, save_sharded
@@ -158,11 +159,10 @@ def _pretrain(cfg: PretrainConfig, ranks: Ranks, watch: PreemptionWatch, progres
             load_sharded(path, model, optimizer)
         else:
             model.load_state_dict(state["model"])
-            saved = adapt_optimizer_state(state["optimizer"], optimizer)
-            if saved is not state["optimizer"] and ranks.is_main:
+            if saved_by_other_adamw(state["optimizer"], optimizer) and ranks.is_main:
                 print(f"fastmae pretrain: {path.name} was saved by the other AdamW (apex's FusedAdam / torch's "
                       f"AdamW); its moments and step counts are carried over", flush=True)
-            optimizer.load_state_dict(saved)
+            optimizer.load_state_dict(adapt_optimizer_state(state["optimizer"], optimizer))
         step = restore_training_state(state, scaler, loader, ranks)
         guard.skipped.fill_(state["skipped_steps"])
 
