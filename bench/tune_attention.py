@@ -46,13 +46,14 @@ FIELDS = ["case", "part", "plan", "gpu_us", "TFLOP/s", "error", "batch", "seq", 
 
 
 def plan_label(plan: AttentionPlan) -> str:
-    """One line: ``keys 64+16 dims 64+16 | fwd M64 w4 | fused M16 w8`` (or ``split dkdv B32 T32 w4 dq B64 T64
-    w8``: B = block owned, T = step of the loop)."""
+    """One line: ``keys 64+16 dims 64+16 | fwd M64 w4 whole | fused M16 w8`` (``loop 32``: the forward walks the
+    keys 32 at a time; ``split dkdv B32 T32 w4 dq B64 T64 w8``: B = block owned, T = step of the loop)."""
     (n, t), (d, e) = plan.key_parts, plan.dim_parts
     bwd = (f"fused M{plan.bwd_block_m} w{plan.bwd_warps}" if plan.bwd_fused else
            f"split dkdv B{plan.dkdv_block} T{plan.dkdv_step} w{plan.dkdv_warps} "
            f"dq B{plan.dq_block} T{plan.dq_step} w{plan.dq_warps}")
-    return f"keys {n}+{t} dims {d}+{e} | fwd M{plan.fwd_block_m} w{plan.fwd_warps} | {bwd}"
+    keys = f"loop {plan.fwd_loop}" if plan.fwd_loop else "whole"
+    return f"keys {n}+{t} dims {d}+{e} | fwd M{plan.fwd_block_m} w{plan.fwd_warps} {keys} | {bwd}"
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -166,7 +167,7 @@ def tune_shape(tuner: ShapeTuner, failed: dict[str, str] | None = None) -> dict[
     best_dkdv, best_dq = _best(timed["dkdv"]), _best(timed["dq"])
     tuned = tuner.default if best_fwd is None else replace(
         tuner.default, key_parts=best_fwd[1].key_parts, fwd_block_m=best_fwd[1].fwd_block_m,
-        fwd_warps=best_fwd[1].fwd_warps)
+        fwd_warps=best_fwd[1].fwd_warps, fwd_loop=best_fwd[1].fwd_loop)
     candidates = []
     if best_dkdv and best_dq:
         dkdv, dq = best_dkdv[1], best_dq[1]

@@ -16,7 +16,9 @@ adjacent (CUDA caps a grid's second dimension at 65535; N*H can exceed it).
 
 Forward, ``cdiv(S, BLOCK_M) * N*H`` programs: S <= MAX_S, so a program holds the whole K and V of its
 head and ``BLOCK_M`` query rows: the score tiles in fp32, an exact (not online) softmax in fp32,
-``P @ V``, and the logsumexp ``lse (N, H, S)`` fp32 saved for the backward.
+``P @ V``, and the logsumexp ``lse (N, H, S)`` fp32 saved for the backward. A second forward
+(``AttentionPlan.fwd_loop``) walks the keys a block at a time with flash-attention's online softmax:
+smaller tiles, keys padded to a multiple of the block only (an alternative the sweep times).
 
 Backward, no atomics, two forms (:class:`AttentionPlan`):
   * fused (small heads: ``keys * head dim`` up to 256*32, head dim in one part), ``N*H`` programs, one a
@@ -175,6 +177,61 @@ def _attention_fwd_kernel(
         o0 += _dot(p1, v10, NATIVE)
         if BLOCK_E > 0:
             o1 += _dot(p1, v11, NATIVE)
+    o_ptr = out_ptr + n * seq * width + h * head_dim
+    _store(o_ptr, o0 / l[:, None], rows, row_ok, width, 0, head_dim, BLOCK_D)
+    if BLOCK_E > 0:
+        _store(o_ptr, o1 / l[:, None], rows, row_ok, width, BLOCK_D, head_dim, BLOCK_E)
+    tl.store(lse_ptr + pid_nh.to(tl.int64) * seq + rows, m + tl.log(l), mask=row_ok)
+
+
+@triton.jit
+def _attention_fwd_loop_kernel(
+    qkv_ptr,  # (N, S, 3*H*Dh), unit stride in the last dim
+    out_ptr,  # (N, S, H*Dh) contiguous
+    lse_ptr,  # (N, H, S) fp32
+    seq,  # S
+    num_heads,  # H
+    head_dim,  # Dh
+    stride_n,  # qkv.stride(0)
+    stride_s,  # qkv.stride(1)
+    scale,  # Dh ** -0.5
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # keys per step of the loop
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    NATIVE: tl.constexpr,
+):
+    # The forward with the keys walked BLOCK_N at a time and an online softmax (running max m, sum l; the
+    # output rescaled by exp(m_old - m_new) per step): smaller tiles than the whole-K/V kernel, keys padded
+    # only to a multiple of BLOCK_N (S 197 -> 208 at 16), one rescale of (BLOCK_M, Dh) per step.
+    pid_m, pid_nh = _block_and_head(seq, BLOCK_M)
+    n = (pid_nh // num_heads).to(tl.int64)
+    h = pid_nh % num_heads
+    width = num_heads * head_dim  # H*Dh
+    q_ptr = qkv_ptr + n * stride_n + h * head_dim
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
+    row_ok = rows < seq
+    q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    o0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_E > 0:
+        o1 = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    for start in range(0, seq, BLOCK_N):  # the first step has a valid key, so m is finite from then on
+        keys = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        key_ok = keys < seq
+        k0, k1 = _load_parts(q_ptr + width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
+        v0, v1 = _load_parts(q_ptr + 2 * width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
+        s = _scores(q0, q1, k0, k1, BLOCK_E, NATIVE) * scale  # (BLOCK_M, BLOCK_N)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # (BLOCK_M,)
+        alpha = tl.exp(m - m_new)  # 0 at the first step
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        o0 = o0 * alpha[:, None] + _dot(p, v0, NATIVE)  # (BLOCK_M, BLOCK_D)
+        if BLOCK_E > 0:
+            o1 = o1 * alpha[:, None] + _dot(p, v1, NATIVE)  # (BLOCK_M, BLOCK_E)
+        m = m_new
     o_ptr = out_ptr + n * seq * width + h * head_dim
     _store(o_ptr, o0 / l[:, None], rows, row_ok, width, 0, head_dim, BLOCK_D)
     if BLOCK_E > 0:
@@ -446,6 +503,7 @@ class AttentionPlan:
     dim_parts: tuple[int, int]
     fwd_block_m: int
     fwd_warps: int
+    fwd_loop: int  # 0: the whole K/V in the forward's tiles (key_parts); else keys walked this many at a time
     bwd_fused: bool
     bwd_block_m: int  # fused: queries per step of the loop
     bwd_warps: int  # fused
@@ -461,8 +519,8 @@ class AttentionPlan:
         if sum(self.key_parts) < seq or sum(self.dim_parts) < head_dim:
             raise ValueError(f"plan's key parts {self.key_parts} / head-dim parts {self.dim_parts} do not cover "
                              f"S = {seq}, Dh = {head_dim}")
-        blocks = [*self.key_parts, *self.dim_parts, self.fwd_block_m, self.bwd_block_m, self.dkdv_block,
-                  self.dkdv_step, self.dq_block, self.dq_step]
+        blocks = [*self.key_parts, *self.dim_parts, self.fwd_block_m, self.fwd_loop, self.bwd_block_m,
+                  self.dkdv_block, self.dkdv_step, self.dq_block, self.dq_step]
         if any(b and (b < 16 or b & (b - 1)) for b in blocks) or not self.key_parts[0] or not self.dim_parts[0]:
             raise ValueError(f"plan blocks must be powers of two >= 16 (extra parts may be 0), got {self}")
 
@@ -479,6 +537,7 @@ def default_plan(seq: int, head_dim: int) -> AttentionPlan:
         key_parts=key_parts, dim_parts=dim_parts,
         fwd_block_m=16 if keys >= 512 else 64,
         fwd_warps=4 if keys <= 128 else 8,
+        fwd_loop=0,
         bwd_fused=keys * depth <= FUSED_BWD_MAX_TILE and dim_parts[1] == 0,
         bwd_block_m=32 if keys * depth <= 64 * 64 else 16,
         bwd_warps=8,
@@ -494,7 +553,8 @@ def _split_blocks() -> list[tuple[int, int, int]]:
 
 def tuning_plans(seq: int, head_dim: int) -> dict[str, list[AttentionPlan]]:
     """The alternatives to :func:`default_plan` that ``bench/tune_attention.py`` times, by the launch they
-    vary: "forward" (query rows, warps, keys in two parts or one tile), "fused backward" (the same, the
+    vary: "forward" (query rows, warps, keys in two parts or one tile or walked 16/32/64 at a time with an
+    online softmax), "fused backward" (query rows, warps, keys in two parts or one tile; the
     backward fused), "dkdv" and "dq" (block, step, warps; the backward split). Each is the default plan with
     those fields replaced, so a "dkdv" plan also takes the split form where the default is fused."""
     from dataclasses import replace
@@ -503,8 +563,10 @@ def tuning_plans(seq: int, head_dim: int) -> dict[str, list[AttentionPlan]]:
     key_choices = sorted({base.key_parts, (max(16, triton.next_power_of_2(seq)), 0)})
     split = replace(base, bwd_fused=False)
     return {
-        "forward": [replace(base, key_parts=keys, fwd_block_m=m, fwd_warps=w)
-                    for keys in key_choices for m in (16, 32, 64, 128) for w in (4, 8)],
+        "forward": [*(replace(base, key_parts=keys, fwd_block_m=m, fwd_warps=w)
+                      for keys in key_choices for m in (16, 32, 64, 128) for w in (4, 8)),
+                    *(replace(base, fwd_loop=b, fwd_block_m=m, fwd_warps=w)
+                      for b in (16, 32, 64) for m in (32, 64, 128) for w in (4, 8))],
         "fused backward": [replace(base, key_parts=keys, bwd_fused=True, bwd_block_m=m, bwd_warps=w)
                            for keys in key_choices for m in (16, 32) for w in (4, 8)],
         "dkdv": [replace(split, dkdv_block=b, dkdv_step=t, dkdv_warps=w) for b, t, w in _split_blocks()],
@@ -524,8 +586,13 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, plan: AttentionPlan) ->
     plan.check(seq, head_dim)
     out = torch.empty((n, seq, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)  # (N, S, H*Dh)
     lse = torch.empty((n, num_heads, seq), dtype=torch.float32, device=qkv.device)  # (N, H, S)
-    if n * seq > 0:
-        (block_n, block_t), (block_d, block_e) = plan.key_parts, plan.dim_parts
+    (block_n, block_t), (block_d, block_e) = plan.key_parts, plan.dim_parts
+    if n * seq > 0 and plan.fwd_loop:
+        wrap_triton(_attention_fwd_loop_kernel)[(triton.cdiv(seq, plan.fwd_block_m) * n * num_heads,)](
+            qkv, out, lse, seq, num_heads, head_dim, qkv.stride(0), qkv.stride(1), head_dim**-0.5,
+            BLOCK_M=plan.fwd_block_m, BLOCK_N=plan.fwd_loop, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=_native(qkv),
+            num_warps=plan.fwd_warps)
+    elif n * seq > 0:
         wrap_triton(_attention_fwd_kernel)[(triton.cdiv(seq, plan.fwd_block_m) * n * num_heads,)](
             qkv, out, lse, seq, num_heads, head_dim, qkv.stride(0), qkv.stride(1), head_dim**-0.5,
             BLOCK_M=plan.fwd_block_m, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e,
@@ -616,6 +683,9 @@ _PARTS = {"BLOCK_N": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"
           "NATIVE": "constexpr"}
 _SIG_FWD = {"qkv_ptr": "*{dtype}", "out_ptr": "*{dtype}", "lse_ptr": "*fp32", **_COMMON, **_STRIDES,
             "BLOCK_M": "constexpr", **_PARTS}
+_SIG_FWD_LOOP = {"qkv_ptr": "*{dtype}", "out_ptr": "*{dtype}", "lse_ptr": "*fp32", **_COMMON, **_STRIDES,
+                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "BLOCK_E": "constexpr",
+                 "NATIVE": "constexpr"}
 _SIG_BWD_FUSED = {"qkv_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "lse_ptr": "*fp32", "dqkv_ptr": "*{dtype}",
                   **_COMMON, **_STRIDES, "BLOCK_M": "constexpr", **_PARTS}
 _SIG_DELTA = {"out_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "delta_ptr": "*fp32", **_COMMON,
@@ -632,8 +702,15 @@ def aot_kernels(plan: AttentionPlan) -> list[AotKernel]:
     (block_n, block_t), (block_d, block_e) = plan.key_parts, plan.dim_parts
     parts = {"BLOCK_N": block_n, "BLOCK_T": block_t, "BLOCK_D": block_d, "BLOCK_E": block_e, "NATIVE": True}
     label = f"N{block_n}+{block_t}-D{block_d}+{block_e}"
-    kernels = [AotKernel(fn=_attention_fwd_kernel, signature=_SIG_FWD, constexprs={"BLOCK_M": plan.fwd_block_m, **parts},
-                         num_warps=plan.fwd_warps, label=f"M{plan.fwd_block_m}-{label}")]
+    if plan.fwd_loop:
+        kernels = [AotKernel(fn=_attention_fwd_loop_kernel, signature=_SIG_FWD_LOOP,
+                             constexprs={"BLOCK_M": plan.fwd_block_m, "BLOCK_N": plan.fwd_loop, "BLOCK_D": block_d,
+                                         "BLOCK_E": block_e, "NATIVE": True},
+                             num_warps=plan.fwd_warps, label=f"M{plan.fwd_block_m}-N{plan.fwd_loop}-D{block_d}+{block_e}")]
+    else:
+        kernels = [AotKernel(fn=_attention_fwd_kernel, signature=_SIG_FWD,
+                             constexprs={"BLOCK_M": plan.fwd_block_m, **parts}, num_warps=plan.fwd_warps,
+                             label=f"M{plan.fwd_block_m}-{label}")]
     if plan.bwd_fused:
         return [*kernels, AotKernel(fn=_attention_bwd_kernel, signature=_SIG_BWD_FUSED,
                                     constexprs={"BLOCK_M": plan.bwd_block_m, **parts}, num_warps=plan.bwd_warps,
