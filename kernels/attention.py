@@ -31,7 +31,7 @@ Backward, no atomics, two forms (:class:`AttentionPlan`):
     blocks here, so only the head dim is in parts.
   Both write ``d(qkv)`` in the packed layout.
 
-:func:`default_plan` picks the tiles and warps (no spills on sm_80/sm_90 at MAE's shapes:
+:func:`default_plan` picks the tiles and warps (no spills on sm_80/sm_90 at MAE's shapes with Triton 3.8:
 ``python -m fastmae.kernels.aot``); ``bench/tune_attention.py`` times the alternatives on a GPU.
 
 Matmuls accumulate in fp32; softmax, its statistics and the gradients' elementwise math are fp32.
@@ -527,7 +527,8 @@ class AttentionPlan:
 
 def default_plan(seq: int, head_dim: int) -> AttentionPlan:
     """The plan the ops use: tiles from :func:`two_parts`; warps and blocks the largest without spills on
-    sm_80/sm_90 at MAE's shapes (``python -m fastmae.kernels.aot``, Triton 3.6 and 3.8). The backward is fused
+    sm_80/sm_90 at MAE's shapes (``python -m fastmae.kernels.aot``: none with Triton 3.8; with 3.6, 8 bytes in
+    the decoder's fused backward on sm_80, none on sm_90). The backward is fused
     where K, V, dK and dV fit a program (``keys * head dim <= FUSED_BWD_MAX_TILE``) in one head-dim part
     (with two, as ViT-H's 80 = 64 + 16, it spills at every block and warp count tried): measured 2-3x faster
     than SDPA at the ViT-B/L encoder."""
