@@ -616,10 +616,10 @@ def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Ten
     nh = n * num_heads
     scale = head_dim**-0.5
     native = _native(qkv)
-    strides = (qkv.stride(0), qkv.stride(1), scale)
+    strides_scale = (qkv.stride(0), qkv.stride(1), scale)  # stride_n, stride_s, scale
     if plan.bwd_fused:
         wrap_triton(_attention_bwd_kernel)[(nh,)](
-            qkv, grad_out, lse, dqkv, seq, num_heads, head_dim, *strides,
+            qkv, grad_out, lse, dqkv, seq, num_heads, head_dim, *strides_scale,
             BLOCK_M=plan.bwd_block_m, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e,
             NATIVE=native, num_warps=plan.bwd_warps, num_stages=1)
         return dqkv
@@ -628,11 +628,11 @@ def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Ten
         out, grad_out, delta, seq, num_heads, head_dim, BLOCK_M=DELTA_BLOCK, BLOCK_D=block_d, BLOCK_E=block_e,
         num_warps=4)
     wrap_triton(_attention_bwd_dkdv_kernel)[(triton.cdiv(seq, plan.dkdv_block) * nh,)](
-        qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, *strides,
+        qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, *strides_scale,
         BLOCK_N=plan.dkdv_block, BLOCK_M=plan.dkdv_step, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=native,
         num_warps=plan.dkdv_warps)
     wrap_triton(_attention_bwd_dq_kernel)[(triton.cdiv(seq, plan.dq_block) * nh,)](
-        qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, *strides,
+        qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, *strides_scale,
         BLOCK_M=plan.dq_block, BLOCK_N=plan.dq_step, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=native,
         num_warps=plan.dq_warps)
     return dqkv
