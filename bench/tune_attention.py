@@ -133,32 +133,34 @@ def warm_part(case: str, shape: tuple[int, int, int, int], part: str, device: st
     return failed
 
 
-def warm_up(cases: list[str], workers: int, device: str, dtype: str) -> dict[str, dict[str, str]]:
+def warm_up(cases: list[str], workers: int, device: str, dtype: str) -> dict[str, dict[tuple[str, str], str]]:
     """Compiles every alternative of ``cases`` in ``workers`` processes at once (Triton compiles one kernel at
-    a time per process; the timing process then loads them from the cache): ``{case: {label: error}}``."""
+    a time per process; the timing process then loads them from the cache): ``{case: {(part, label): error}}``
+    (one plan can be in two parts, e.g. the default split plan in "dkdv" and "dq")."""
     import multiprocessing
 
     tasks = [(case, SHAPES[case], part, device, dtype) for case in cases
              for part in tuning_plans(SHAPES[case][1], SHAPES[case][3])]
     with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
         results = pool.starmap(warm_part, tasks)
-    failed: dict[str, dict[str, str]] = {case: {} for case in cases}
-    for (case, *_), errors in zip(tasks, results):
-        failed[case].update(errors)
+    failed: dict[str, dict[tuple[str, str], str]] = {case: {} for case in cases}
+    for (case, _, part, *_), errors in zip(tasks, results):
+        failed[case].update({(part, label): error for label, error in errors.items()})
     return failed
 
 
-def tune_shape(tuner: ShapeTuner, failed: dict[str, str] | None = None) -> dict[str, object]:
-    """Times every alternative of one shape (but those in ``failed``, {label: error} from the warm-up: rows
-    with their error), then the default, tuned and SDPA forward + backward."""
+def tune_shape(tuner: ShapeTuner, failed: dict[tuple[str, str], str] | None = None) -> dict[str, object]:
+    """Times every alternative of one shape (but those in ``failed``, {(part, label): error} from the warm-up:
+    rows with their error), then the default, tuned and SDPA forward + backward."""
     bwd_flops = tuner.alternative("backward", tuner.default)[2]
     timed: dict[str, list[tuple[float | None, AttentionPlan]]] = {}
     for part, part_plans in tuning_plans(tuner.s, tuner.dh).items():
         timed[part] = []
         for plan in part_plans:
             label = plan_label(plan)
-            if failed and label in failed:
-                tuner.writer({"case": tuner.case, "part": part, "plan": label, "error": "warm-up: " + failed[label]})
+            if failed and (part, label) in failed:
+                tuner.writer({"case": tuner.case, "part": part, "plan": label,
+                              "error": "warm-up: " + failed[part, label]})
                 timed[part].append((None, plan))
                 continue
             step, want, flops = tuner.alternative(part, plan)
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     versions = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                 "dtype": str(DTYPE)}
     start = time.monotonic()  # --max-seconds counts the warm-up too
-    failed: dict[str, dict[str, str]] = {}
+    failed: dict[str, dict[tuple[str, str], str]] = {}
     if args.warm_workers > 0:
         failed = warm_up(cases, args.warm_workers, DEVICE, str(DTYPE).removeprefix("torch."))
         print(f"warm-up: {args.warm_workers} processes ran every alternative once in {time.monotonic() - start:.0f} s")

@@ -146,6 +146,26 @@ def test_every_tuning_plan_matches_reference_fp32(s: int, dh: int) -> None:
     assert checked >= 20  # 4 forward, 2 fused, 9 dK/dV and 9 dQ tilings at the fewest (S 50: keys in one tile)
 
 
+@pytest.mark.parametrize("s,dh,loop", [(65, 80, 16), (197, 32, 32), (257, 32, 64)], ids=lambda v: str(v))
+def test_backward_takes_the_looped_forwards_out_and_lse(s: int, dh: int, loop: int) -> None:
+    """The forward that walks the keys (online softmax) saves the same out and lse as the whole-K/V one: the
+    default backward (split at 65/80 and 257/32, reading out; fused at 197/32) gives the reference gradient."""
+    from dataclasses import replace
+
+    from fastmae.kernels.attention import attention_backward, attention_forward, default_plan
+
+    plan = replace(default_plan(s, dh), fwd_loop=loop, fwd_block_m=32)
+    qkv = _qkv(1, s, 1, dh, seed=11)
+    upstream = _upstream(1, s, 1, dh)
+    want_out, want_grad = _run("reference", qkv, 1, upstream)
+    out, lse = attention_forward(qkv.detach(), 1, plan)
+    q, k = qkv.detach()[..., :dh], qkv.detach()[..., dh:2 * dh]  # (1, S, Dh) each
+    want_lse = torch.logsumexp(q @ k.transpose(1, 2) * dh**-0.5, dim=-1)  # (1, S)
+    assert_rel_close(out, want_out, 1e-5, "forward")
+    assert_rel_close(lse[:, 0], want_lse, 1e-6, "lse")
+    assert_rel_close(attention_backward(upstream, qkv.detach(), out, lse, 1, plan), want_grad, 1e-5, "d qkv")
+
+
 def test_triton_is_picked_by_priority_only_where_it_measured_faster() -> None:
     from fastmae.ops.attention import _triton_measured_faster
 
