@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fastmae.benchmark.results import read_rows, write_csv_atomically
+from fastmae.benchmark.results import gpu_slug, read_rows, write_csv_atomically
 from fastmae.data import dali_available, pretrain_loader
 from fastmae.data.demo import DEMO_PHOTOS, default_cache_dir
 
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{backend:6s} {row['img_per_s']:9.1f} img/s  (start {row['startup_s']} s; {row['loader']})", flush=True)
     if rows:
-        name = env["gpu"].lower().replace(" ", "-") if env["gpu"] != "cpu" else "cpu"
-        path = args.csv if args.csv is not None else Path(__file__).parent / "results" / f"{name}-loader.csv"
+        default = Path(__file__).parent / "results" / f"{gpu_slug(env['gpu'])}-loader.csv"
+        path = args.csv if args.csv is not None else default
         upsert_rows(path, rows)
         print(f"rows written to {path}")
     return 0

@@ -3,9 +3,9 @@
     python bench/profile_step.py --model mae_vit_large_patch16 --batch-size 256 --out OUT_DIR
 
 For each variant (``default`` backends, ``op=backend`` pins, ``reference`` for everything) it times
-``--steps`` complete steps (forward, backward, fused AdamW; bf16 autocast; synthetic images on the
-device) with CUDA events, then profiles two steps of the default variant
-and writes the kernel table (``profile_<model>.txt``) and a JSON summary (``profile_<model>.json``).
+``--steps`` complete steps of ``fastmae bench``'s eager ``fastmae`` step (forward, backward, AdamW; bf16
+autocast; synthetic images on the device) with its timer (CUDA events), then profiles two steps of the
+default variant and writes the kernel table (``profile_<model>.txt``) and a JSON summary (``profile_<model>.json``).
 This is a diagnostic for finding where a step's time goes; the comparable benchmark is ``fastmae bench``.
 """
 
@@ -20,33 +20,9 @@ from pathlib import Path
 import torch
 
 import fastmae
+from fastmae.benchmark.timing import time_train_step
+from fastmae.benchmark.train_step import build_fastmae_step
 from fastmae.flops import mae_flops
-from fastmae.train.optim import build_optimizer
-
-
-def _step_fn(model: torch.nn.Module, optimizer: torch.optim.Optimizer, imgs: torch.Tensor):  # noqa: ANN202
-    def step() -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _, _ = model(imgs, mask_ratio=0.75)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-    return step
-
-
-def _time_steps(step, steps: int, warmup: int) -> float:  # noqa: ANN001
-    """Mean milliseconds per step over ``steps`` after ``warmup``."""
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
 
 
 def main() -> None:
@@ -64,11 +40,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     device = torch.device("cuda")
-    model = getattr(fastmae, args.model)(norm_pix_loss=True).to(device)
-    optimizer = build_optimizer(model, lr=1.5e-4 * args.batch_size / 256)
+    step = build_fastmae_step("fastmae", args.model, args.batch_size, 224, device)  # the benchmark's eager step
     imgs = torch.randn(args.batch_size, 3, 224, 224, device=device)
-    step = _step_fn(model, optimizer, imgs)
-    train_flops = mae_flops(model).train_step * args.batch_size
+    train_flops = mae_flops(step.model).train_step * args.batch_size
 
     results = {"model": args.model, "batch_size": args.batch_size, "gpu": torch.cuda.get_device_name(),
                "torch": torch.__version__, "variants": {}}
@@ -84,9 +58,10 @@ def main() -> None:
         try:
             with ctx:
                 torch.cuda.reset_peak_memory_stats()
-                ms = _time_steps(step, args.steps, args.warmup)
-            row = {"ms_per_step": ms, "img_per_s": args.batch_size * 1e3 / ms,
-                   "tflops": train_flops / ms / 1e9, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+                timing = time_train_step(step, lambda: imgs, args.steps, args.warmup, device)
+            ms = timing.seconds * 1e3 / timing.steps
+            row = {"ms_per_step": ms, "img_per_s": timing.img_per_s,
+                   "tflops": train_flops / ms / 1e9, "peak_mem_gib": timing.peak_mem_bytes / 2**30}
         except Exception as exc:  # a failing variant is reported, the next one still runs
             row = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         row["wall_s"] = time.perf_counter() - t0
@@ -96,7 +71,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
-            step()
+            step.run(imgs)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
     (args.out / f"profile_{args.model}.txt").write_text(table)

@@ -19,9 +19,9 @@ else:  # pragma: no cover
 from fastmae.benchmark.command import add_arguments as add_bench_arguments
 from fastmae.benchmark.command import cmd_bench
 from fastmae.train.config import DEMO_DEFAULTS, PAPER_DEFAULTS, PARALLEL_MODES, PRECISIONS, PretrainConfig
+from fastmae.train.nonfinite import EXIT_NONFINITE
+from fastmae.train.preemption import EXIT_PREEMPTED
 
-EXIT_NONFINITE = 3  # fastmae.train.nonfinite.EXIT_NONFINITE (not imported here: `fastmae info` needs no training deps)
-EXIT_PREEMPTED = 75  # fastmae.train.preemption.EXIT_PREEMPTED
 
 PRETRAIN_HELP = {
     "model": "model preset",

@@ -81,3 +81,11 @@ def triton_why_not(*tensors: torch.Tensor) -> str | None:
         if t.is_floating_point() and t.dtype not in TRITON_DTYPES:
             return f"Triton kernels take fp32/bf16/fp16, got {t.dtype}"
     return None
+
+
+def split_rows(num_rows: int, block_r: int, target: int) -> tuple[int, int]:
+    """``(G, rows_per_program)``: ``num_rows > 0`` rows split over about ``target`` programs, each a whole number
+    of ``block_r``-row tiles (the row split of the backward kernels that write per-program partial sums)."""
+    tiles = -(-num_rows // block_r)  # ceil division; this module imports without Triton
+    rows_per_program = -(-tiles // target) * block_r
+    return -(-num_rows // rows_per_program), rows_per_program

@@ -50,7 +50,7 @@ Bytes moved (``e``: element size of qkv; ``T = N*S*H*Dh``; ``c(b) = cdiv(S, b)``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -124,6 +124,18 @@ def _scores(a0, a1, b0, b1, BLOCK_E: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def _store_forward(out_ptr, lse_ptr, o0, o1, l, m, rows, row_ok, n, h, pid_nh, seq, width, head_dim,
+                   BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Both forwards' epilogue: ``out = o / l`` from the unnormalised head-dim parts ``o0 (BLOCK_M, BLOCK_D)``,
+    ``o1 (BLOCK_M, BLOCK_E)`` (unused when BLOCK_E = 0), and ``lse = m + log(l)`` of the rows."""
+    o_ptr = out_ptr + n * seq * width + h * head_dim
+    _store(o_ptr, o0 / l[:, None], rows, row_ok, width, 0, head_dim, BLOCK_D)
+    if BLOCK_E > 0:
+        _store(o_ptr, o1 / l[:, None], rows, row_ok, width, BLOCK_D, head_dim, BLOCK_E)
+    tl.store(lse_ptr + pid_nh.to(tl.int64) * seq + rows, m + tl.log(l), mask=row_ok)
+
+
+@triton.jit
 def _attention_fwd_kernel(
     qkv_ptr,  # (N, S, 3*H*Dh), unit stride in the last dim
     out_ptr,  # (N, S, H*Dh) contiguous
@@ -169,6 +181,7 @@ def _attention_fwd_kernel(
     p0 = tl.exp(s0 - m[:, None])
     l = tl.sum(p0, axis=1)  # (BLOCK_M,)
     o0 = _dot(p0, v00, NATIVE)  # (BLOCK_M, BLOCK_D)
+    o1 = o0  # unused when BLOCK_E = 0
     if BLOCK_E > 0:
         o1 = _dot(p0, v01, NATIVE)  # (BLOCK_M, BLOCK_E)
     if BLOCK_T > 0:
@@ -177,11 +190,8 @@ def _attention_fwd_kernel(
         o0 += _dot(p1, v10, NATIVE)
         if BLOCK_E > 0:
             o1 += _dot(p1, v11, NATIVE)
-    o_ptr = out_ptr + n * seq * width + h * head_dim
-    _store(o_ptr, o0 / l[:, None], rows, row_ok, width, 0, head_dim, BLOCK_D)
-    if BLOCK_E > 0:
-        _store(o_ptr, o1 / l[:, None], rows, row_ok, width, BLOCK_D, head_dim, BLOCK_E)
-    tl.store(lse_ptr + pid_nh.to(tl.int64) * seq + rows, m + tl.log(l), mask=row_ok)
+    _store_forward(out_ptr, lse_ptr, o0, o1, l, m, rows, row_ok, n, h, pid_nh, seq, width, head_dim,
+                   BLOCK_D, BLOCK_E)
 
 
 @triton.jit
@@ -215,6 +225,7 @@ def _attention_fwd_loop_kernel(
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     o0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    o1 = o0  # unused when BLOCK_E = 0
     if BLOCK_E > 0:
         o1 = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
     for start in range(0, seq, BLOCK_N):  # the first step has a valid key, so m is finite from then on
@@ -232,11 +243,8 @@ def _attention_fwd_loop_kernel(
         if BLOCK_E > 0:
             o1 = o1 * alpha[:, None] + _dot(p, v1, NATIVE)  # (BLOCK_M, BLOCK_E)
         m = m_new
-    o_ptr = out_ptr + n * seq * width + h * head_dim
-    _store(o_ptr, o0 / l[:, None], rows, row_ok, width, 0, head_dim, BLOCK_D)
-    if BLOCK_E > 0:
-        _store(o_ptr, o1 / l[:, None], rows, row_ok, width, BLOCK_D, head_dim, BLOCK_E)
-    tl.store(lse_ptr + pid_nh.to(tl.int64) * seq + rows, m + tl.log(l), mask=row_ok)
+    _store_forward(out_ptr, lse_ptr, o0, o1, l, m, rows, row_ok, n, h, pid_nh, seq, width, head_dim,
+                   BLOCK_D, BLOCK_E)
 
 
 @triton.jit
@@ -558,8 +566,6 @@ def tuning_plans(seq: int, head_dim: int) -> dict[str, list[AttentionPlan]]:
     online softmax), "fused backward" (query rows, warps, keys in two parts or one tile; the
     backward fused), "dkdv" and "dq" (block, step, warps; the backward split). Each is the default plan with
     those fields replaced, so a "dkdv" plan also takes the split form where the default is fused."""
-    from dataclasses import replace
-
     base = default_plan(seq, head_dim)
     key_choices = sorted({base.key_parts, (max(16, triton.next_power_of_2(seq)), 0)})
     split = replace(base, bwd_fused=False)

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._common import interpreter_on, wrap_triton
+from fastmae.kernels._common import interpreter_on, split_rows, wrap_triton
 from fastmae.kernels.aot import AotKernel
 
 MAX_D = 4096  # whole rows in registers (the backward spills at 8192: 32 values per thread at 16 warps)
@@ -190,9 +190,7 @@ def _bwd_programs(num_rows: int, block_r: int, device: torch.device) -> tuple[in
     """``(G, rows_per_program)``: about ``2 * SMs`` programs on CUDA, each a whole number of row tiles."""
     target = (2 * torch.cuda.get_device_properties(device).multi_processor_count
               if device.type == "cuda" and not interpreter_on() else INTERPRETER_BWD_PROGRAMS)
-    tiles = triton.cdiv(num_rows, block_r)
-    rows_per_program = triton.cdiv(tiles, target) * block_r
-    return triton.cdiv(num_rows, rows_per_program), rows_per_program
+    return split_rows(num_rows, block_r, target)
 
 
 @torch.library.triton_op("fastmae_triton::layer_norm", mutates_args=())

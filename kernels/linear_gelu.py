@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._common import interpreter_on, wrap_triton
+from fastmae.kernels._common import interpreter_on, split_rows, wrap_triton
 from fastmae.kernels._column_sum import SIGNATURE as COLUMN_SUM_SIGNATURE
 from fastmae.kernels._column_sum import column_sum, column_sum_kernel
 from fastmae.kernels.aot import AotKernel
@@ -154,9 +154,7 @@ def _bwd_programs(num_rows: int, block_r: int, col_blocks: int, device: torch.de
         target = triton.cdiv(PROGRAMS_PER_SM * sms, col_blocks)
     else:
         target = INTERPRETER_ROW_PROGRAMS
-    tiles = triton.cdiv(num_rows, block_r)
-    rows_per_program = triton.cdiv(tiles, target) * block_r
-    return triton.cdiv(num_rows, rows_per_program), rows_per_program
+    return split_rows(num_rows, block_r, target)
 
 
 @torch.library.triton_op("fastmae_triton::bias_gelu", mutates_args=())

@@ -236,7 +236,6 @@ def _measure(builders: Builders, impl: str, model: str, mode: str, cfg: BenchCon
         _free_memory(ctx.device)
         torch.manual_seed(0)
         attempt = _attempt(builders, impl, model, batch, mode, cfg, ctx)
-        _free_memory(ctx.device)
         if attempt.status != "oom" or batch != cfg.batch_for(model) or batch < 2:
             return attempt, batch
         log(f"    out of memory at batch {batch}; retrying at batch {batch // 2}")

@@ -76,7 +76,8 @@ class DaliBackend:
     def _pipeline(self, segment: list[tuple[int, int]]) -> Pipeline:
         """The pipeline over the batches of ``segment``, each padded to ``batch_size`` samples."""
         size = self.plan.batch_size
-        ids = np.concatenate([padded(self.plan.epoch_image_ids(e)[b * size: (b + 1) * size], size) for e, b in segment])
+        orders = {e: self.plan.epoch_image_ids(e) for e in dict.fromkeys(e for e, _ in segment)}  # once per epoch
+        ids = np.concatenate([padded(orders[e][b * size: (b + 1) * size], size) for e, b in segment])
         labels = [0] * len(ids) if self.labels is None else [self.labels[i] for i in ids]
 
         def crop_and_flip(iteration: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

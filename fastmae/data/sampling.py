@@ -137,12 +137,16 @@ class EpochPlan:
     def __len__(self) -> int:
         return self.num_batches
 
-    def epoch_image_ids(self, epoch: int) -> np.ndarray:
-        """``(num_batches * batch_size or fewer,)``: this rank's image indices for ``epoch``, in order."""
-        if epoch != self._order_epoch:  # one epoch's permutation is kept: batches are asked in order
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """``epoch``'s permutation of all images; one epoch's is kept: batches are asked in order."""
+        if epoch != self._order_epoch:
             self._order = epoch_permutation(len(self.sizes), self.seed, epoch)
             self._order_epoch = epoch
-        return self._order[self.positions[: self.num_batches * self.batch_size]]
+        return self._order
+
+    def epoch_image_ids(self, epoch: int) -> np.ndarray:
+        """``(num_batches * batch_size or fewer,)``: this rank's image indices for ``epoch``, in order."""
+        return self._permutation(epoch)[self.positions[: self.num_batches * self.batch_size]]
 
     def batch_length(self, index: int) -> int:
         """The number of samples in batch ``index`` of every epoch."""
@@ -153,7 +157,7 @@ class EpochPlan:
         if not 0 <= index < self.num_batches:
             raise ValueError(f"batch index must be in [0, {self.num_batches}), got {index}")
         positions = self.positions[index * self.batch_size: (index + 1) * self.batch_size]  # (n,)
-        image_ids = self.epoch_image_ids(epoch)[index * self.batch_size: (index + 1) * self.batch_size]
+        image_ids = self._permutation(epoch)[positions]  # (n,): this batch's slice of epoch_image_ids(epoch)
         u = uniforms(self.seed, epoch, positions, DRAWS_PER_SAMPLE)  # (n, DRAWS_PER_SAMPLE)
         sizes = self.sizes[image_ids]  # (n, 2)
         boxes = random_resized_crops(u, sizes[:, 0], sizes[:, 1], self.scale, self.ratio)

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
+from fastmae.data.bad_files import BAD_FILE_POLICIES
+from fastmae.data.bad_files import CHECKS as BAD_FILE_CHECKS
+from fastmae.data.loader import BACKENDS as LOADERS
 from fastmae.model import PRESETS
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-LOADERS = ("auto", "dali", "torch")  # fastmae.data.pretrain_loader backends
-BAD_FILE_POLICIES = ("error", "skip")  # fastmae.data.bad_files
-BAD_FILE_CHECKS = ("header", "decode")  # fastmae.data.bad_files.CHECKS
 PARALLEL_MODES = ("ddp", "fsdp")
 
 

@@ -12,10 +12,7 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-import torch
-import torch.distributed as dist
-
-from fastmae.train.distributed import Ranks
+from fastmae.train.distributed import Ranks, all_ranks_agree
 
 EXIT_PREEMPTED = 75
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -35,11 +32,7 @@ class PreemptionWatch:
 
     def agreed(self) -> bool:
         """True on every rank once any rank has received a preemption signal (a collective: call on all ranks)."""
-        if not self.ranks.distributed:
-            return self.signal_name is not None
-        flag = torch.tensor([self.signal_name is not None], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ranks.control)
-        return bool(flag.item())  # a host tensor: no device sync
+        return not all_ranks_agree(self.signal_name is None, self.ranks)  # a host all-reduce: no device sync
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

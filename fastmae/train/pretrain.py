@@ -28,7 +28,8 @@ from fastmae.data.demo import demo_dataset
 from fastmae.data.eval_transform import ImageFiles, eval_transform
 from fastmae.data.loader import pretrain_loader
 from fastmae.model import PRESETS, MaskedAutoencoderViT
-from fastmae.train.checkpoint import list_checkpoints, load_latest_checkpoint, prune_checkpoints, save_checkpoint
+from fastmae.train.checkpoint import (list_checkpoints, load_latest_checkpoint, prune_checkpoints, save_checkpoint,
+                                      write_atomic)
 from fastmae.train.config import PRECISIONS, PretrainConfig
 from fastmae.train.distributed import (Ranks, add_activation_checkpointing, barrier, close_ranks, gradient_sync,
                                        init_ranks, wrap_model)
@@ -65,9 +66,7 @@ class PretrainSummary:
 
 
 def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def _total_norm(params: list[nn.Parameter]) -> torch.Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from fastmae.train.checkpoint import write_atomic
 from fastmae.train.distributed import Ranks
 
 
@@ -31,9 +31,7 @@ def _drop_rows_after(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if logged_by_then(line)]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: f.write("".join(kept).encode()))
 
 
 class RunLog:
