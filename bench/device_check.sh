@@ -8,7 +8,8 @@
 # with the triton backends; pytest-xdist with FASTMAE_CHECK_WORKERS processes), a profiled ViT-L step
 # (bench/profile_step.py), the op microbenchmarks with GB/s against the measured copy bandwidth, the Triton
 # attention's tiling sweep (bench/tune_attention.py; not run by default, its time not measured yet, and
-# --max-seconds 200 stops it starting further shapes), the attention benchmark (TFLOP/s per backend at
+# --max-seconds 200 stops it starting further shapes; FASTMAE_TUNE_WORKERS, default 14, processes compile its
+# kernels first), the attention benchmark (TFLOP/s per backend at
 # MAE's shapes), the end-to-end `fastmae bench` table with its CSV and plots, and the AOT register report;
 # everything is written under OUT_DIR and a short summary is printed last.
 # Each step has its own time limit, and all of them share FASTMAE_CHECK_SECONDS (default 470 s, so the
@@ -76,6 +77,7 @@ if wants ops_bench; then
   fi
 fi
 wants attention_tune && step attention_tune 240 python bench/tune_attention.py --max-seconds 200 \
+  --warm-workers "${FASTMAE_TUNE_WORKERS:-14}" \
   --csv "$out/attention_tuning.csv"
 wants attention_bench && step attention_bench 120 python -m pytest -q bench/test_bench_attention.py --benchmark-only \
   --benchmark-json "$out/attention_bench.json" -p no:cacheprovider

@@ -204,6 +204,17 @@ def _plan_fwd_bwd(tuner: ShapeTuner, plan: AttentionPlan) -> Callable[[], torch.
     return step
 
 
+def _shape_line(case: str, result: dict[str, object]) -> str:
+    """``case: default … us tuned … us torch-flash … us …; tuned / fastest SDPA (kernel) = ratio``."""
+    times = result["times"]
+    sdpa = {k: v for k, v in times.items() if k in SDPA_KERNELS and v is not None}
+    fastest = min(sdpa.items(), key=lambda kv: kv[1]) if sdpa else None
+    line = " ".join(f"{k} {v:.1f} us" if v is not None else f"{k} failed" for k, v in times.items())
+    ratio = (f"; tuned / fastest SDPA ({fastest[0]}) = {times['tuned'] / fastest[1]:.2f}"
+             if fastest and times["tuned"] is not None else "")
+    return f"{case}: {line}{ratio}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, required=True, help="rows appended here (created with a header)")
@@ -227,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     failed: dict[str, dict[tuple[str, str], str]] = {}
     if args.warm_workers > 0:
         failed = warm_up(cases, args.warm_workers, DEVICE, str(DTYPE).removeprefix("torch."))
-        print(f"warm-up: {args.warm_workers} processes ran every alternative once in {time.monotonic() - start:.0f} s")
+        print(f"warm-up: {args.warm_workers} processes ran every alternative once in {time.monotonic() - start:.0f} s",
+              flush=True)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     new = not args.csv.exists() or os.path.getsize(args.csv) == 0
     summary = []
@@ -246,15 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                 handle.flush()
 
             result = tune_shape(ShapeTuner(case, SHAPES[case], write, DTYPE, DEVICE), failed.get(case))
+            print(_shape_line(case, result), f"({time.monotonic() - start:.0f} s)")  # printed now: kept if killed later
+            print(f"  tuned: ({s}, {dh}): AttentionPlan(**{asdict(result['tuned'])})", flush=True)
             summary.append((case, s, dh, result))
-    for case, s, dh, result in summary:
-        times = result["times"]
-        sdpa = {k: v for k, v in times.items() if k in SDPA_KERNELS and v is not None}
-        fastest = min(sdpa.items(), key=lambda kv: kv[1]) if sdpa else None
-        line = " ".join(f"{k} {v:.1f} us" if v is not None else f"{k} failed" for k, v in times.items())
-        ratio = (f"; tuned / fastest SDPA ({fastest[0]}) = {times['tuned'] / fastest[1]:.2f}"
-                 if fastest and times["tuned"] is not None else "")
-        print(f"{case}: {line}{ratio}")
     print("\n# tuned plans, for default_plan (S, Dh) -> AttentionPlan:")
     for case, s, dh, result in summary:
         print(f"({s}, {dh}): AttentionPlan(**{asdict(result['tuned'])}),  # {case}")
