@@ -52,8 +52,8 @@ def _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps
                 s_pred_n, s_pred_l, s_pred_p, s_img_n, s_img_c, s_img_h, s_img_w, s_mask_n, s_mask_l,
                 PATCH: tl.constexpr, CHANNELS: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
                 NORM_PIX: tl.constexpr):
-    """``(pred - target)`` of this program's rows, (ROWS, BLOCK_P) fp32 (0 on kept rows and padding);
-    the mask weights (ROWS,), the flat row indices (ROWS,) and the element indices (BLOCK_P,)."""
+    """``(pred - target)`` of this program's rows, (ROWS, BLOCK_P) fp32 (0 on kept rows and padding), and
+    the mask weights (ROWS,)."""
     P: tl.constexpr = PATCH * PATCH * CHANNELS
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) flat patch index n*L + l
     in_range = row < num_rows
@@ -75,7 +75,7 @@ def _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps
         d = tl.where(live, t - mean[:, None], 0.0)
         var = tl.sum(d * d, axis=1) / (P - 1)  # (ROWS,) unbiased
         t = d / tl.sqrt_rn(var + eps)[:, None]
-    return x - t, m, row, j
+    return x - t, m
 
 
 @triton.jit
@@ -85,9 +85,9 @@ def _masked_mse_fwd_kernel(pred_ptr, imgs_ptr, mask_ptr, partial_ptr, num_rows, 
                            ROWS: tl.constexpr, NORM_PIX: tl.constexpr):
     """partial[0, pid] = sum over its rows of mask * mse, partial[1, pid] = sum of mask; partial (2, G)."""
     P: tl.constexpr = PATCH * PATCH * CHANNELS
-    diff, m, row, j = _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps,
-                                  s_pred_n, s_pred_l, s_pred_p, s_img_n, s_img_c, s_img_h, s_img_w,
-                                  s_mask_n, s_mask_l, PATCH, CHANNELS, BLOCK_P, ROWS, NORM_PIX)
+    diff, m = _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps,
+                         s_pred_n, s_pred_l, s_pred_p, s_img_n, s_img_c, s_img_h, s_img_w,
+                         s_mask_n, s_mask_l, PATCH, CHANNELS, BLOCK_P, ROWS, NORM_PIX)
     mse = tl.sum(diff * diff, axis=1) / P  # (ROWS,)
     pid = tl.program_id(0)
     tl.store(partial_ptr + pid, tl.sum(m * mse, axis=0))
@@ -117,11 +117,15 @@ def _masked_mse_bwd_kernel(grad_loss_ptr, mask_sum_ptr, pred_ptr, imgs_ptr, mask
                            ROWS: tl.constexpr, NORM_PIX: tl.constexpr):
     """grad (N*L, P) contiguous = 2 * (pred - t) / P * mask / sum(mask) * grad_loss, every row written."""
     P: tl.constexpr = PATCH * PATCH * CHANNELS
-    diff, m, row, j = _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps,
-                                  s_pred_n, s_pred_l, s_pred_p, s_img_n, s_img_c, s_img_h, s_img_w,
-                                  s_mask_n, s_mask_l, PATCH, CHANNELS, BLOCK_P, ROWS, NORM_PIX)
+    diff, m = _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps,
+                         s_pred_n, s_pred_l, s_pred_p, s_img_n, s_img_c, s_img_h, s_img_w,
+                         s_mask_n, s_mask_l, PATCH, CHANNELS, BLOCK_P, ROWS, NORM_PIX)
     scale = tl.load(grad_loss_ptr).to(tl.float32) * 2.0 / (P * tl.load(mask_sum_ptr))
     grad = diff * (m * scale)[:, None]  # (ROWS, BLOCK_P)
+    # the store's indices are computed here, not returned by _patch_diff: torch.compile's mutation analysis
+    # follows a store's address back through calls, and would count every pointer _patch_diff reads as written
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    j = tl.arange(0, BLOCK_P)  # (BLOCK_P,)
     out = grad_ptr + row.to(tl.int64)[:, None] * P + j[None, :]
     tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=(row < num_rows)[:, None] & (j < P)[None, :])
 
