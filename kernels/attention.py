@@ -18,10 +18,11 @@ Forward, ``cdiv(S, BLOCK_M) * N*H`` programs: S <= MAX_S, so a program holds the
 head and ``BLOCK_M`` query rows: the score tiles in fp32, an exact (not online) softmax in fp32,
 ``P @ V``, and the logsumexp ``lse (N, H, S)`` fp32 saved for the backward. A second forward
 (``AttentionPlan.fwd_loop``) walks the keys a block at a time with flash-attention's online softmax:
-smaller tiles, keys padded to a multiple of the block only (an alternative the sweep times).
+smaller tiles, keys padded to a multiple of the block only (the default where the head dim is one tile:
+measured faster on an H200 at MAE's shapes, 1.6x at the decoders).
 
 Backward, no atomics, two forms (:class:`AttentionPlan`):
-  * fused (small heads: ``keys * head dim`` up to 256*32, head dim in one part), ``N*H`` programs, one a
+  * fused (small heads: ``keys * head dim`` up to 64*64, head dim in one part), ``N*H`` programs, one a
     head: it holds K, V, dK and dV and walks the queries ``BLOCK_M`` at a time, recomputing ``P`` from the lse; each query
     block's row of ``P`` is whole, so ``delta = rowsum(P * dP)`` (equal to ``rowsum(dO * O)``) needs
     neither O nor a pre-pass, and dQ is written straight away. One launch, q/k/v/dO each read once.
@@ -61,7 +62,7 @@ from fastmae.kernels.aot import AotKernel
 
 MAX_S = 512  # the whole K/V of a head in the forward's tiles
 MAX_HEAD_DIM = 128
-FUSED_BWD_MAX_TILE = 256 * 32  # keys * head dim (both padded) up to which the default backward is fused
+FUSED_BWD_MAX_TILE = 64 * 64  # keys * head dim (both padded) up to which the default backward is fused
 DELTA_BLOCK = 64  # split backward: rows per program of the delta preprocess
 
 
@@ -534,24 +535,30 @@ class AttentionPlan:
 
 
 def default_plan(seq: int, head_dim: int) -> AttentionPlan:
-    """The plan the ops use: tiles from :func:`two_parts`; warps and blocks the largest without spills on
-    sm_80/sm_90 at MAE's shapes (``python -m fastmae.kernels.aot``: none with Triton 3.8; with 3.6, 8 bytes in
-    the decoder's fused backward on sm_80, none on sm_90). The backward is fused
-    where K, V, dK and dV fit a program (``keys * head dim <= FUSED_BWD_MAX_TILE``) in one head-dim part
-    (with two, as ViT-H's 80 = 64 + 16, it spills at every block and warp count tried): measured 2-3x faster
-    than SDPA at the ViT-B/L encoder."""
+    """The plan the ops use: tiles from :func:`two_parts`, and the launches ``bench/tune_attention.py`` measured
+    fastest at MAE's (S, Dh) on an H200 (bf16, batch 256; bench/results/nvidia-h200-attention-tuning.csv):
+    at (50, 64), (65, 80), (197, 32) and (257, 32) this is the sweep's tuned plan.
+
+    Forward: keys walked 32 at a time (online softmax) where the head dim is one tile, 128 query rows where the
+    keys are one tile of 256 or more, else 64; with a head dim in two parts (ViT-H's 80) the whole-K/V forward.
+    Backward: fused where K, V, dK and dV fit a program (``keys * head dim <= FUSED_BWD_MAX_TILE``, head dim in
+    one part: the ViT-B/L encoder), else split with dK/dV over 64 keys stepping 16 queries and dQ over 64
+    queries stepping 32 keys (16 past a head dim of 64), 4 warps each; 32-row blocks and 8 warps at head dims
+    above 80 (unmeasured; sm_90 spilled with larger blocks at Dh 128 under Triton 3.6). No spills on sm_80/sm_90
+    at MAE's shapes (``python -m fastmae.kernels.aot``)."""
     key_parts, dim_parts = two_parts(seq), two_parts(head_dim)
     keys, depth = sum(key_parts), sum(dim_parts)
+    one_dim_tile = dim_parts[1] == 0
+    wide = depth > 80
     return AttentionPlan(
         key_parts=key_parts, dim_parts=dim_parts,
-        fwd_block_m=16 if keys >= 512 else 64,
-        fwd_warps=4 if keys <= 128 else 8,
-        fwd_loop=0,
-        bwd_fused=keys * depth <= FUSED_BWD_MAX_TILE and dim_parts[1] == 0,
-        bwd_block_m=32 if keys * depth <= 64 * 64 else 16,
-        bwd_warps=8,
-        dkdv_block=32, dkdv_step=32, dkdv_warps=8 if depth > 64 else 4,
-        dq_block=32 if depth > 64 else 64, dq_step=32 if depth > 64 else 64, dq_warps=8 if depth >= 64 else 4,
+        fwd_block_m=128 if one_dim_tile and key_parts[1] == 0 and keys >= 256 else 64,
+        fwd_warps=4,
+        fwd_loop=32 if one_dim_tile else 0,
+        bwd_fused=keys * depth <= FUSED_BWD_MAX_TILE and one_dim_tile,
+        bwd_block_m=32, bwd_warps=4,
+        dkdv_block=32 if wide else 64, dkdv_step=32 if wide else 16, dkdv_warps=8 if wide else 4,
+        dq_block=32 if wide else 64, dq_step=16 if depth > 64 else 32, dq_warps=8 if wide else 4,
     )
 
 
@@ -570,7 +577,7 @@ def tuning_plans(seq: int, head_dim: int) -> dict[str, list[AttentionPlan]]:
     key_choices = sorted({base.key_parts, (max(16, triton.next_power_of_2(seq)), 0)})
     split = replace(base, bwd_fused=False)
     return {
-        "forward": [*(replace(base, key_parts=keys, fwd_block_m=m, fwd_warps=w)
+        "forward": [*(replace(base, key_parts=keys, fwd_block_m=m, fwd_warps=w, fwd_loop=0)
                       for keys in key_choices for m in (16, 32, 64, 128) for w in (4, 8)),
                     *(replace(base, fwd_loop=b, fwd_block_m=m, fwd_warps=w)
                       for b in (16, 32, 64) for m in (32, 64, 128) for w in (4, 8))],

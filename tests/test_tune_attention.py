@@ -73,7 +73,7 @@ def test_tuned_plan_takes_the_fastest_parts(tune, monkeypatch: pytest.MonkeyPatc
     rows: list[dict] = []
     result = tune.tune_shape(tune.ShapeTuner("tiny", SHAPE, rows.append, torch.float32, "cpu"))
     s, dh = SHAPE[1], SHAPE[3]
-    want = replace(kernels.default_plan(s, dh), fwd_block_m=32, fwd_warps=8, bwd_fused=False, dkdv_block=16,
+    want = replace(kernels.default_plan(s, dh), fwd_block_m=32, fwd_warps=8, fwd_loop=0, bwd_fused=False, dkdv_block=16,
                    dkdv_step=32, dkdv_warps=8, dq_block=32, dq_step=64, dq_warps=4)
     assert result["tuned"] == want
     assert result["times"]["tuned"] == pytest.approx(1e6 * 2.0)  # 1 s forward + 1 s backward
@@ -171,3 +171,19 @@ def test_warm_part_reports_each_failing_plan(tune, monkeypatch: pytest.MonkeyPat
     failed = tune.warm_part("tiny", SHAPE, "dq", "cpu", "float32")
     want = {tune.plan_label(p) for p in kernels.tuning_plans(SHAPE[1], SHAPE[3])["dq"] if p.dq_block == 64}
     assert set(failed) == want and all("PTXAS error (simulated)" in e for e in failed.values())
+
+
+def test_default_plan_is_the_measured_tuned_plan(tune) -> None:  # noqa: ANN001
+    """At every shape of the committed sweep, default_plan launches what the sweep measured fastest (its
+    "tuned:" fwd+bwd row), and that plan beat SDPA's fastest kernel there: the ``triton`` backend's priority
+    (ops/attention.py) rests on these rows."""
+    rows = _rows(BENCH / "results" / "nvidia-h200-attention-tuning.csv")
+    shapes = {(int(r["seq"]), int(r["head_dim"])) for r in rows}
+    assert shapes == {(50, 64), (65, 80), (197, 32), (257, 32)}
+    for case in {r["case"] for r in rows}:
+        fwd_bwd = {r["plan"]: r for r in rows if r["case"] == case and r["part"] == "fwd+bwd"}
+        [tuned] = [label for label in fwd_bwd if label.startswith("tuned: ")]
+        seq, head_dim = int(fwd_bwd[tuned]["seq"]), int(fwd_bwd[tuned]["head_dim"])
+        assert tuned == "tuned: " + tune.plan_label(kernels.default_plan(seq, head_dim)), case
+        sdpa = [float(r["gpu_us"]) for label, r in fwd_bwd.items() if label.startswith("torch-") and r["gpu_us"]]
+        assert sdpa and float(fwd_bwd[tuned]["gpu_us"]) < min(sdpa), case

@@ -170,9 +170,9 @@ def test_triton_is_picked_by_priority_only_where_it_measured_faster() -> None:
     from fastmae.ops.attention import _triton_measured_faster
 
     picks = {(s, dh): _triton_measured_faster(torch.empty(1, s, 3 * 2 * dh, device="meta"), 2)
-             for s, dh in [(50, 64), (17, 32), (65, 80), (197, 32), (257, 32), (65, 64)]}
-    assert picks == {(50, 64): True, (17, 32): True, (65, 80): False, (197, 32): False, (257, 32): False,
-                     (65, 64): False}
+             for s, dh in [(50, 64), (17, 32), (65, 80), (197, 32), (257, 32), (258, 32), (50, 96), (320, 64)]}
+    assert picks == {(50, 64): True, (17, 32): True, (65, 80): True, (197, 32): True, (257, 32): True,
+                     (258, 32): False, (50, 96): False, (320, 64): False}
 
 
 def test_triton_reads_a_strided_qkv() -> None:
