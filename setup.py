@@ -69,6 +69,10 @@ def cuda_extension() -> tuple[list, dict]:
         "fastmae._C",
         sources=sources,
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+        # the shared libstdc++, named before the driver's own -lstdc++: where the toolchain links libstdc++.a
+        # instead (seen on the lent H200 machine: its code inside _C.so), torch's streams and _C.so's copy of
+        # the library disagree, and a TORCH_CHECK message with an integer in it crashed the process
+        extra_link_args=["-l:libstdc++.so.6"],
     )
     print(f"fastmae: building fastmae._C with nvcc from {CUDA_HOME} ({nvcc_flags[-1]} is the PTX target)")
 
