@@ -154,6 +154,7 @@ def _attention_fwd_kernel(
     BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # torch.compile's inductor passes a Python float as fp64
     pid_m, pid_nh = _block_and_head(seq, BLOCK_M)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
@@ -212,6 +213,7 @@ def _attention_fwd_loop_kernel(
     BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # torch.compile's inductor passes a Python float as fp64
     # The forward with the keys walked BLOCK_N at a time and an online softmax (running max m, sum l; the
     # output rescaled by exp(m_old - m_new) per step): smaller tiles than the whole-K/V kernel, keys padded
     # only to a multiple of BLOCK_N (S 197 -> 208 at 16), one rescale of (BLOCK_M, Dh) per step.
@@ -267,6 +269,7 @@ def _attention_bwd_kernel(
     BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # torch.compile's inductor passes a Python float as fp64
     # Tiles are named by (key part, head-dim part): k01 = main keys x extra dims. Tail-key tiles (k1*, v1*,
     # dk1*, dv1*) exist only when BLOCK_T > 0 and extra-dim accumulators (d*01, d*11) only when BLOCK_E > 0;
     # the extra-dim input tiles (k01, q1, ...) alias part 0 when BLOCK_E = 0 and are then unused.
@@ -395,6 +398,7 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # torch.compile's inductor passes a Python float as fp64
     pid_k, pid_nh = _block_and_head(seq, BLOCK_N)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads
@@ -455,6 +459,7 @@ def _attention_bwd_dq_kernel(
     BLOCK_E: tl.constexpr,
     NATIVE: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # torch.compile's inductor passes a Python float as fp64
     pid_m, pid_nh = _block_and_head(seq, BLOCK_M)
     n = (pid_nh // num_heads).to(tl.int64)
     h = pid_nh % num_heads

@@ -74,6 +74,7 @@ def _layer_norm_fwd_kernel(
     BLOCK_D: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # torch.compile's inductor passes a Python float as fp64
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     row_ok = rows < num_rows

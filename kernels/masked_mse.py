@@ -54,6 +54,7 @@ def _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps
                 NORM_PIX: tl.constexpr):
     """``(pred - target)`` of this program's rows, (ROWS, BLOCK_P) fp32 (0 on kept rows and padding), and
     the mask weights (ROWS,)."""
+    eps = tl.cast(eps, tl.float32)  # torch.compile's inductor passes a Python float as fp64
     P: tl.constexpr = PATCH * PATCH * CHANNELS
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) flat patch index n*L + l
     in_range = row < num_rows

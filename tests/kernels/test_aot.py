@@ -38,3 +38,35 @@ def test_compiles_for_sm80_sm90_without_spills(aot_results) -> None:  # noqa: AN
     assert {(r["kernel"], r["arch"], r["dtype"]) for r in rows} == {(k, a, d) for k in kernels for a in ARCHS for d in DTYPES}
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled
+
+
+FP64_FLOATS = """
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastmae.kernels.aot import all_kernels
+
+firsts = {}  # kernel function -> its first configuration with a float argument
+for kernel in all_kernels():
+    if "fp32" in kernel.signature.values():
+        firsts.setdefault(kernel.fn, kernel)
+found = {}
+for kernel in firsts.values():
+    signature = {k: "fp64" if v == "fp32" else v.replace("{dtype}", "bf16") for k, v in kernel.signature.items()}
+    source = ASTSource(fn=kernel.fn, signature=signature, constexprs=dict(kernel.constexprs))
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": kernel.num_warps}).asm["ptx"]
+    found[kernel.name] = sorted(set(re.findall(r"\\b(?:add|sub|mul|fma|div|sqrt|rcp|max|min|setp)[.\\w]*\\.f64\\b", ptx)))
+print(json.dumps(found))
+"""
+
+
+def test_float_arguments_passed_as_fp64_stay_fp32_math() -> None:
+    """torch.compile launches a kernel's Python-float argument (eps, the softmax scale) typed fp64 (inductor's
+    ``_use_fp64_for_unbacked_floats``); each kernel casts it to fp32 first, so it compiles (sqrt_rn takes fp32
+    only: the H200 run under torch 2.11 failed there) and no fp64 arithmetic reaches the PTX."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", FP64_FLOATS], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(found) >= 8, found  # attention's five kernels, layer_norm's forward, masked_mse's two
+    assert not any(found.values()), found
