@@ -7,11 +7,10 @@
 # every test marked gpu (bf16/fp16 parity of the triton and cuda backends, opcheck on CUDA, torch.compile
 # with the triton backends; pytest-xdist with FASTMAE_CHECK_WORKERS processes), a profiled ViT-L step
 # (bench/profile_step.py), the op microbenchmarks with GB/s against the measured copy bandwidth, the Triton
-# attention's tiling sweep (bench/tune_attention.py; not run by default, its time not measured yet, and
-# --max-seconds 200 stops it starting further shapes; FASTMAE_TUNE_WORKERS, default 14, processes compile its
-# kernels first), the attention benchmark (TFLOP/s per backend at
-# MAE's shapes), the end-to-end `fastmae bench` table with its CSV and plots, and the AOT register report;
-# everything is written under OUT_DIR and a short summary is printed last.
+# attention's tiling sweep (bench/tune_attention.py; not run by default; 78 s on an H200, 40 of them compiling
+# in FASTMAE_TUNE_WORKERS (default 14) processes; --max-seconds 200 stops it starting further shapes), the
+# attention benchmark (TFLOP/s per backend at MAE's shapes), the end-to-end `fastmae bench` table with its CSV
+# and plots, and the AOT register report; everything is written under OUT_DIR and a short summary is printed last.
 # Each step has its own time limit, and all of them share FASTMAE_CHECK_SECONDS (default 470 s, so the
 # check and its summary end within 8 minutes; measured on an H200: build 50 s, gpu tests 75 s, profile
 # 35 s, op and attention benchmarks 46 + 40 s, the ViT-L table 141 s). A failing step is reported and the

@@ -32,8 +32,8 @@ Backward, no atomics, two forms (:class:`AttentionPlan`):
     blocks here, so only the head dim is in parts.
   Both write ``d(qkv)`` in the packed layout.
 
-:func:`default_plan` picks the tiles and warps (no spills on sm_80/sm_90 at MAE's shapes with Triton 3.8:
-``python -m fastmae.kernels.aot``); ``bench/tune_attention.py`` times the alternatives on a GPU.
+:func:`default_plan` picks the tiles, blocks and warps: at MAE's shapes the ones ``bench/tune_attention.py``
+measured fastest on an H200 (no spills on sm_80/sm_90 with Triton 3.8 or 3.6: ``python -m fastmae.kernels.aot``).
 
 Matmuls accumulate in fp32; softmax, its statistics and the gradients' elementwise math are fp32.
 fp32 inputs use exact fp32 products (``input_precision="ieee"``). bf16/fp16 inputs on a GPU feed the
