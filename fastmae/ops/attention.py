@@ -77,15 +77,15 @@ def _triton(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _triton_measured_faster(qkv: torch.Tensor, num_heads: int) -> bool:
-    """at S <= 257 and head dim <= 80 only (MAE's encoders and decoders), where it measured fastest
+    """in bf16/fp16 at S <= 257 and head dim <= 80 only (MAE's shapes), where it measured fastest
 
     Forward + backward with the tuned plans (kernels/attention.py default_plan) on an H200, bf16, batch 256,
     against SDPA's fastest kernel at each shape: 0.33x its time at the ViT-B/L encoder (S 50, Dh 64;
     memory-efficient), 0.43x at ViT-H's (S 65, Dh 80; cuDNN), 0.56x and 0.55x at the decoders (S 197 and 257,
-    Dh 32; cuDNN) (bench/results/nvidia-h200-attention-tuning.csv). Longer sequences and wider heads were not
-    measured: SDPA there."""
+    Dh 32; cuDNN) (bench/results/nvidia-h200-attention-tuning.csv). fp16 runs the same tensor-core kernels as
+    bf16. fp32 (exact fp32 products here), longer sequences and wider heads were not measured: SDPA there."""
     seq, head_dim = int(qkv.shape[1]), int(qkv.shape[-1]) // (3 * num_heads)
-    return seq <= 257 and head_dim <= 80
+    return qkv.dtype in (torch.bfloat16, torch.float16) and seq <= 257 and head_dim <= 80
 
 
 def _triton_supports(qkv: torch.Tensor, num_heads: int) -> str | None:
@@ -164,7 +164,7 @@ def _xformers_supports(qkv: torch.Tensor, num_heads: int) -> str | None:
 
 ATTENTION = Op(
     "attention",
-    [  # priority: triton at MAE's shapes (S <= 257, Dh <= 80), where it measured fastest; SDPA elsewhere
+    [  # priority: triton at MAE's shapes in bf16/fp16 (S <= 257, Dh <= 80), where it measured fastest; SDPA elsewhere
         Backend("triton", _triton, available=kernel_module_available("attention"), supports=_triton_supports,
                 auto_devices=("cuda",), auto_when=_triton_measured_faster),
         Backend("torch", attention_torch, supports=_torch_supports),

@@ -169,10 +169,16 @@ def test_backward_takes_the_looped_forwards_out_and_lse(s: int, dh: int, loop: i
 def test_triton_is_picked_by_priority_only_where_it_measured_faster() -> None:
     from fastmae.ops.attention import _triton_measured_faster
 
-    picks = {(s, dh): _triton_measured_faster(torch.empty(1, s, 3 * 2 * dh, device="meta"), 2)
+    def qkv(s: int, dh: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.empty(1, s, 3 * 2 * dh, device="meta", dtype=dtype)  # 2 heads
+
+    picks = {(s, dh): _triton_measured_faster(qkv(s, dh), 2)
              for s, dh in [(50, 64), (17, 32), (65, 80), (197, 32), (257, 32), (258, 32), (50, 96), (320, 64)]}
     assert picks == {(50, 64): True, (17, 32): True, (65, 80): True, (197, 32): True, (257, 32): True,
                      (258, 32): False, (50, 96): False, (320, 64): False}
+    by_dtype = {dtype: _triton_measured_faster(qkv(197, 32, dtype), 2)
+                for dtype in (torch.bfloat16, torch.float16, torch.float32)}
+    assert by_dtype == {torch.bfloat16: True, torch.float16: True, torch.float32: False}  # fp32: not measured
 
 
 def test_triton_reads_a_strided_qkv() -> None:
