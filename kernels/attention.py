@@ -545,25 +545,27 @@ def default_plan(seq: int, head_dim: int) -> AttentionPlan:
     fastest at MAE's (S, Dh) on an H200 (bf16, batch 256; bench/results/nvidia-h200-attention-tuning.csv):
     at (50, 64), (65, 80), (197, 32) and (257, 32) this is the sweep's tuned plan.
 
-    Forward: keys walked 32 at a time (online softmax) where the head dim is one tile, 128 query rows where the
-    keys are one tile of 256 or more, else 64; with a head dim in two parts (ViT-H's 80) the whole-K/V forward.
+    Forward: keys walked 32 at a time (online softmax) where the head dim is one tile or K exceeds 128 x 64
+    (keys x head dim), with 128 query rows where the keys are one tile of 256 or more at head dims up to 64,
+    else 64; the whole-K/V forward for a head dim in two parts over a smaller K (ViT-H's S 65, Dh 80 = 64 + 16).
     Backward: fused where K, V, dK and dV fit a program (``keys * head dim <= FUSED_BWD_MAX_TILE``, head dim in
     one part: the ViT-B/L encoder), else split with dK/dV over 64 keys stepping 16 queries and dQ over 64
     queries stepping 32 keys (16 past a head dim of 64), 4 warps each; 32-row blocks and 8 warps at head dims
-    above 80 (unmeasured; sm_90 spilled with larger blocks at Dh 128 under Triton 3.6). No spills on sm_80/sm_90
-    at MAE's shapes (``python -m fastmae.kernels.aot``)."""
+    above 80. Only MAE's shapes are measured; elsewhere the rule keeps sm_80 and sm_90 free of spills (Triton 3.8,
+    checked for S in {17, 100, 320, 512} x Dh in {16, 48, 96, 128}); at MAE's shapes none with Triton 3.8 or 3.6
+    (``python -m fastmae.kernels.aot``)."""
     key_parts, dim_parts = two_parts(seq), two_parts(head_dim)
     keys, depth = sum(key_parts), sum(dim_parts)
     one_dim_tile = dim_parts[1] == 0
     wide = depth > 80
     return AttentionPlan(
         key_parts=key_parts, dim_parts=dim_parts,
-        fwd_block_m=128 if one_dim_tile and key_parts[1] == 0 and keys >= 256 else 64,
+        fwd_block_m=128 if one_dim_tile and depth <= 64 and key_parts[1] == 0 and keys >= 256 else 64,
         fwd_warps=4,
-        fwd_loop=32 if one_dim_tile else 0,
+        fwd_loop=32 if one_dim_tile or keys * depth > 128 * 64 else 0,
         bwd_fused=keys * depth <= FUSED_BWD_MAX_TILE and one_dim_tile,
         bwd_block_m=32, bwd_warps=4,
-        dkdv_block=32 if wide else 64, dkdv_step=32 if wide else 16, dkdv_warps=8 if wide else 4,
+        dkdv_block=32 if wide else 64, dkdv_step=16, dkdv_warps=8 if wide else 4,
         dq_block=32 if wide else 64, dq_step=16 if depth > 64 else 32, dq_warps=8 if wide else 4,
     )
 
