@@ -753,4 +753,6 @@ def aot_kernels(plan: AttentionPlan) -> list[AotKernel]:
 
 # MAE: ViT-B/L encoder S = 50, Dh = 64; ViT-H encoder S = 65, Dh = 80; decoder S = 197 / 257, Dh = 32.
 MAE_SHAPES = ((50, 64), (65, 80), (197, 32), (257, 32))
-AOT_KERNELS = [k for s, d in MAE_SHAPES for k in aot_kernels(default_plan(s, d))]
+# and two corners of what the op accepts: the auto pick's widest heads at its longest S, the op's largest tile
+CORNER_SHAPES = ((257, 80), (512, 128))
+AOT_KERNELS = [k for s, d in MAE_SHAPES + CORNER_SHAPES for k in aot_kernels(default_plan(s, d))]
