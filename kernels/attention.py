@@ -53,6 +53,7 @@ Bytes moved (``e``: element size of qkv; ``T = N*S*H*Dh``; ``c(b) = cdiv(S, b)``
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 import triton
@@ -540,6 +541,7 @@ class AttentionPlan:
             raise ValueError(f"plan blocks must be powers of two >= 16 (extra parts may be 0), got {self}")
 
 
+@cache  # called twice per forward+backward; building the plan took 9.5 us of host time on a 2-core CPU
 def default_plan(seq: int, head_dim: int) -> AttentionPlan:
     """The plan the ops use: tiles from :func:`two_parts`, and the launches ``bench/tune_attention.py`` measured
     fastest at MAE's (S, Dh) on an H200 (bf16, batch 256; bench/results/nvidia-h200-attention-tuning.csv):
