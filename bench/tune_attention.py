@@ -14,8 +14,8 @@ autograd, as the op runs it). Before the timing, ``--warm-workers`` processes ru
 compilations (one at a time in a process) overlap and the timing process loads them from the on-disk cache; a
 plan that raised there is not run again. Every row lands in the CSV (``part``: forward, fused backward, dkdv, dq,
 backward, fwd+bwd); a plan that fails to compile or whose result differs from the default plan's by more than
-bf16 allows is a row with its error, never a timing. Printed last: per shape, the default and tuned plans against SDPA's fastest, and the tuned
-plans as Python, for ``default_plan``.
+bf16 allows is a row with its error, never a timing. Printed as each shape finishes: the default and tuned plans
+against SDPA's fastest, and the tuned plan as Python, for ``default_plan``.
 """
 
 from __future__ import annotations
@@ -242,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     new = not args.csv.exists() or os.path.getsize(args.csv) == 0
-    summary = []
     with open(args.csv, "a", newline="") as handle:
         out = csv.DictWriter(handle, FIELDS)
         if new:
@@ -260,10 +259,6 @@ def main(argv: list[str] | None = None) -> int:
             result = tune_shape(ShapeTuner(case, SHAPES[case], write, DTYPE, DEVICE), failed.get(case))
             print(_shape_line(case, result), f"({time.monotonic() - start:.0f} s)")  # printed now: kept if killed later
             print(f"  tuned: ({s}, {dh}): AttentionPlan(**{asdict(result['tuned'])})", flush=True)
-            summary.append((case, s, dh, result))
-    print("\n# tuned plans, for default_plan (S, Dh) -> AttentionPlan:")
-    for case, s, dh, result in summary:
-        print(f"({s}, {dh}): AttentionPlan(**{asdict(result['tuned'])}),  # {case}")
     return 0
 
 
