@@ -103,7 +103,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["fastmae", "fastmae.ops", "fastmae.data", "fastmae.train", "fastmae.benchmark", "fastmae.kernels"],
+    packages=["fastmae", "fastmae.ops", "fastmae.data", "fastmae.train", "fastmae.benchmark",
+              "fastmae.benchmark.baselines", "fastmae.kernels"],
     package_dir={"fastmae.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",

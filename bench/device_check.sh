@@ -81,10 +81,12 @@ wants attention_tune && step attention_tune 240 python bench/tune_attention.py -
 wants attention_bench && step attention_bench 120 python -m pytest -q bench/test_bench_attention.py --benchmark-only \
   --benchmark-json "$out/attention_bench.json" -p no:cacheprovider
 if wants e2e; then  # the end-to-end table: cheap rows first; rows land in bench/results/<gpu>.csv as they finish
+  # (--results-dir explicitly: fastmae bench's default is ./bench-results, the committed results are here)
   step e2e_large 180 fastmae bench --models mae_vit_large_patch16 --steps 10 --warmup 3 --max-seconds 100 \
-    --impls fastmae-cudagraph,fastmae,official,hf,modern,fastmae-compile
+    --impls fastmae-cudagraph,fastmae,official,hf,modern,modern-cudagraph,hf-compile,fastmae-compile \
+    --results-dir bench/results
   step e2e_base_huge 90 fastmae bench --models mae_vit_base_patch16,mae_vit_huge_patch14 --steps 10 --warmup 3 \
-    --max-seconds 40 --impls fastmae-cudagraph,fastmae
+    --max-seconds 40 --impls fastmae-cudagraph,fastmae --results-dir bench/results
   step plots 60 python bench/plot_results.py bench/results/*.csv
   cp bench/results/*.csv bench/results/*.png "$out/" 2>/dev/null
 fi

@@ -20,8 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-IMPL_ORDER = ("official", "hf", "modern", "fastmae-reference", "fastmae", "fastmae-compile", "fastmae-cudagraph",
-              "fastmae-compile-cudagraph")
+IMPL_ORDER = ("official", "hf", "hf-compile", "modern", "modern-cudagraph", "fastmae-reference", "fastmae",
+              "fastmae-compile", "fastmae-cudagraph", "fastmae-compile-cudagraph")
 
 
 def best_rows(rows: list[dict[str, str]], input_mode: str) -> dict[tuple[str, str], dict[str, str]]:

@@ -4,7 +4,7 @@
 
 For each shape of ``bench/test_bench_attention.py`` (batch 256, bf16: the ViT-B/L/H encoders and the decoders)
 it times, by CUDA events with the launches hidden (``bench/gpu_time.py``), each alternative of
-``fastmae.kernels.attention.tuning_plans``: the forward's plans (``attention_forward``), the fused backward's
+``fastmae.kernels.attention_tuning.tuning_plans``: the forward's plans (``attention``), the fused backward's
 and the split backward's with one of its dK/dV or dQ launches changed (``attention_backward``, fed the default
 forward's output). It then assembles the tuned plan (fastest forward; the faster of the fastest fused backward
 and the split backward with the fastest dK/dV and dQ launches together, timed as assembled: part "backward")
@@ -34,8 +34,9 @@ import torch
 from gpu_time import gpu_seconds  # bench/ is on the path when this file is run
 from test_bench_attention import SDPA_KERNELS, SHAPES, fwd_bwd_flops
 
-from fastmae.kernels.attention import (AttentionPlan, attention_backward, attention_forward, default_plan,
-                                       tuning_plans)
+from fastmae.kernels.attention import attention, attention_backward
+from fastmae.kernels.attention_plan import AttentionPlan, default_plan
+from fastmae.kernels.attention_tuning import tuning_plans
 from fastmae.ops.attention import attention_sdpa
 
 CALLS = 25  # passes per CUDA-event measurement
@@ -71,13 +72,13 @@ class ShapeTuner:
         self.qkv = torch.randn(self.n, self.s, 3 * self.h * self.dh, generator=g).to(device, dtype)  # (N, S, 3*H*Dh)
         self.upstream = torch.randn(self.n, self.s, self.h * self.dh, generator=g).to(device, dtype)  # (N, S, H*Dh)
         self.default = default_plan(self.s, self.dh)
-        self.out, self.lse = attention_forward(self.qkv, self.h, self.default)
+        self.out, self.lse = attention(self.qkv, self.h, self.default)
         self.dqkv = attention_backward(self.upstream, self.qkv, self.out, self.lse, self.h, self.default)
         self.flops = fwd_bwd_flops(self.n, self.s, self.h, self.dh)
         self.writer = writer
 
     def forward(self, plan: AttentionPlan) -> torch.Tensor:
-        return attention_forward(self.qkv, self.h, plan)[0]
+        return attention(self.qkv, self.h, plan)[0]
 
     def backward(self, plan: AttentionPlan) -> torch.Tensor:
         return attention_backward(self.upstream, self.qkv, self.out, self.lse, self.h, plan)
@@ -199,7 +200,7 @@ def tune_shape(tuner: ShapeTuner, failed: dict[tuple[str, str], str] | None = No
 def _plan_fwd_bwd(tuner: ShapeTuner, plan: AttentionPlan) -> Callable[[], torch.Tensor]:
     """Forward then backward with ``plan``, as the op's autograd runs them."""
     def step() -> torch.Tensor:
-        out, lse = attention_forward(tuner.qkv, tuner.h, plan)
+        out, lse = attention(tuner.qkv, tuner.h, plan)
         return attention_backward(tuner.upstream, tuner.qkv, out, lse, tuner.h, plan)
     return step
 

@@ -1,8 +1,11 @@
-// fastmae._C: the CUDA C++ extension. Every op schema lives in the one TORCH_LIBRARY(fastmae, m)
-// block below; each op's implementations register per dispatch key in its own files:
-// csrc/<op>_cpu.cpp (TORCH_LIBRARY_IMPL(fastmae, CPU, m), at::parallel_for) and csrc/<op>.cu
-// (TORCH_LIBRARY_IMPL(fastmae, CUDA, m)). fake (meta) implementations and autograd are registered
-// from Python (fastmae/ops/<op>.py). Importing the module (an empty Python module) loads the library.
+// fastmae._C: the CUDA C++ extension, a plain kernel library. The schemas in the one
+// TORCH_LIBRARY(fastmae_C, m) block below are the kernels of the `cuda` backend: each op's Python
+// definition in fastmae/ops/<op>.py calls them as torch.ops.fastmae_C.<name> and owns the op's public
+// schema fastmae::<op>, its fake and its autograd; no fake or autograd is registered for fastmae_C ops
+// (only random_masking's Autograd fallthrough, csrc/random_masking_cpu.cpp: its outputs have no gradient).
+// Each kernel registers per dispatch key in its own files: csrc/<op>_cpu.cpp
+// (TORCH_LIBRARY_IMPL(fastmae_C, CPU, m), at::parallel_for) and csrc/<op>.cu
+// (TORCH_LIBRARY_IMPL(fastmae_C, CUDA, m)). Importing the module (an empty Python module) loads the library.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -11,7 +14,7 @@
 
 std::vector<int64_t> fastmae_cuda_build_info();  // build_info.cu
 
-TORCH_LIBRARY(fastmae, m) {
+TORCH_LIBRARY(fastmae_C, m) {
   // [CUDART_VERSION, arch, arch, ...], e.g. [13000, 800, 900]: what `fastmae info` reports.
   m.def("build_info() -> int[]", &fastmae_cuda_build_info);
 
@@ -21,10 +24,6 @@ TORCH_LIBRARY(fastmae, m) {
   m.def(
       "random_masking_philox(Tensor seed_step, int num_samples, int num_patches, int len_keep)"
       " -> (Tensor ids_keep, Tensor ids_restore, Tensor mask)");
-  // random_masking plus x_masked (N, K, D) = x[n, ids_keep] + pos_embed[0, 1 + ids_keep], one launch
-  m.def(
-      "random_masking_gather(Tensor noise, int len_keep, Tensor x, Tensor pos_embed)"
-      " -> (Tensor ids_keep, Tensor ids_restore, Tensor mask, Tensor x_masked)");
 
   // unshuffle: x (N, 1+K, Dd), ids_restore (N, L), mask_token (1, 1, Dd), pos_embed (1, L+1, Dd) -> (N, L+1, Dd)
   m.def("unshuffle(Tensor x, Tensor ids_restore, Tensor mask_token, Tensor pos_embed) -> Tensor");
@@ -42,7 +41,7 @@ TORCH_LIBRARY(fastmae, m) {
 }
 
 PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastmae CUDA/C++ ops (torch.ops.fastmae)", -1,
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastmae CUDA/C++ ops (torch.ops.fastmae_C)", -1,
                                nullptr};
   return PyModule_Create(&module);
 }

@@ -480,7 +480,7 @@ at::Tensor masked_mse_backward_cuda(const at::Tensor& grad_loss, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmae, CUDA, m) {
+TORCH_LIBRARY_IMPL(fastmae_C, CUDA, m) {
   m.impl("masked_mse", &masked_mse_cuda);
   m.impl("masked_mse_backward", &masked_mse_backward_cuda);
 }

@@ -227,7 +227,7 @@ at::Tensor masked_mse_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmae, CPU, m) {
+TORCH_LIBRARY_IMPL(fastmae_C, CPU, m) {
   m.impl("masked_mse", &masked_mse_cpu);
   m.impl("masked_mse_backward", &masked_mse_backward_cpu);
 }

@@ -13,9 +13,8 @@
 // The noise dtype (fp32/bf16/fp16, read as fp32: exact and order-preserving) is a runtime switch in the
 // load, not a template parameter: one kernel per tile for all three.
 // Tiles: THREADS x IPT = 128 x 2 for L <= 256 (MAE's 196 and 256 patches), 128 x 4 for L <= 512,
-// 256 x 4 for L <= 1024 (the limit). __launch_bounds__(THREADS, 1): without the minimum-blocks hint
-// ptxas capped the gather kernels at 40 registers and spilled 4 bytes inside the sort; with it they
-// use <= 56 registers and spill nothing.
+// 256 x 4 for L <= 1024 (the limit). __launch_bounds__(THREADS, 1): the minimum-blocks hint leaves
+// ptxas free to give the sort the registers it needs (no spills: the build fails on any).
 //
 // random_masking_philox: the key of patch l is the Philox4x32-10 noise of
 // fastmae.ops.random_masking.philox_noise_reference (key (seed mod 2^32, seed >> 32), counter
@@ -24,17 +23,9 @@
 // captured CUDA graph advances the step by an in-place update of that tensor, without recapture.
 // (The same Philox is written in random_masking_cpu.cpp for the CPU implementation.)
 //
-// random_masking_gather: the same, then the block copies its K kept rows:
-//   x_masked[n, k, :] = x[n, ids_keep[n, k], :] + pos_embed[0, 1 + ids_keep[n, k], :]
-// one warp per row, lanes over D with 16-byte vector loads when D and the pointers allow it
-// (else scalar loads, still coalesced), fp32 sum rounded once to the output dtype (x's dtype, or fp32
-// when pos_embed is fp32 and x is bf16/fp16: torch's type promotion).
-//
 // Bytes moved per call (e: noise element size): noise mode N*L*e read + N*L*(8 + 4) + N*K*8 written;
-// Philox mode 16 read + N*L*(8 + 4) + N*K*8 written; gather adds N*K*D*(ex + eo) for x and x_masked
-// plus the pos rows, N*K*D*ep from L2 (at most L*D*ep from DRAM).
+// Philox mode 16 read + N*L*(8 + 4) + N*K*8 written.
 // No float atomics, no data-dependent reduction order: results are bit-identical run to run.
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -44,13 +35,9 @@
 
 #include <cub/block/block_radix_sort.cuh>
 
-#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
-
-void random_masking_check_gather(const char* op, const at::Tensor& noise, const at::Tensor& x,
-                                 const at::Tensor& pos_embed);  // csrc/random_masking_cpu.cpp
 
 namespace {
 
@@ -121,12 +108,11 @@ struct Tile {
   };
 };
 
-// Sorts sample n's keys and writes ids_keep, ids_restore, mask; with keep != nullptr, also the kept
-// patches in rank order to shared memory (visible to the whole block on return).
+// Sorts sample n's keys and writes ids_keep, ids_restore, mask.
 template <int THREADS, int IPT, typename Keys>
 __device__ __forceinline__ void mask_sample(const Keys& keys_of, int64_t n, int L, int K, int64_t* ids_keep,
                                             int64_t* ids_restore, float* mask,
-                                            typename Tile<THREADS, IPT>::Shared& smem, int32_t* keep) {
+                                            typename Tile<THREADS, IPT>::Shared& smem) {
   uint32_t keys[IPT];
   int32_t idx[IPT];
 #pragma unroll
@@ -143,10 +129,7 @@ __device__ __forceinline__ void mask_sample(const Keys& keys_of, int64_t n, int 
     const int l = idx[i];
     if (l < L) {  // real patches hold ranks 0..L-1
       smem.restore[l] = rank;
-      if (rank < K) {
-        ids_keep[n * K + rank] = l;
-        if (keep != nullptr) keep[rank] = l;
-      }
+      if (rank < K) ids_keep[n * K + rank] = l;
     }
   }
   __syncthreads();
@@ -163,7 +146,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                           int64_t* ids_restore, float* mask) {
   __shared__ typename Tile<THREADS, IPT>::Shared smem;
   const int64_t n = blockIdx.x;
-  mask_sample<THREADS, IPT>(NoiseKeys{noise, dtype, n * L}, n, L, K, ids_keep, ids_restore, mask, smem, nullptr);
+  mask_sample<THREADS, IPT>(NoiseKeys{noise, dtype, n * L}, n, L, K, ids_keep, ids_restore, mask, smem);
 }
 
 template <int THREADS, int IPT>
@@ -175,58 +158,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   const uint64_t seed = static_cast<uint64_t>(seed_step[0]);
   const PhiloxKeys keys{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
                         static_cast<uint32_t>(seed_step[1]), static_cast<uint32_t>(n * L)};
-  mask_sample<THREADS, IPT>(keys, n, L, K, ids_keep, ids_restore, mask, smem, nullptr);
-}
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
-
-// One warp per kept row, VEC elements per lane and step.
-template <int VEC, typename x_t, typename pos_t, typename out_t>
-__device__ __forceinline__ void copy_rows(const int32_t* keep, int K, int64_t D, const x_t* x, const pos_t* pos,
-                                          out_t* out, int warp, int lane, int warps) {
-  for (int k = warp; k < K; k += warps) {
-    const int64_t l = keep[k];
-    const x_t* x_row = x + l * D;
-    const pos_t* pos_row = pos + l * D;
-    out_t* out_row = out + k * D;
-    for (int64_t d = lane * VEC; d < D; d += 32 * VEC) {
-      const auto xv = *reinterpret_cast<const Vec<x_t, VEC>*>(x_row + d);
-      const auto pv = *reinterpret_cast<const Vec<pos_t, VEC>*>(pos_row + d);
-      Vec<out_t, VEC> ov;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        ov.v[j] = static_cast<out_t>(static_cast<float>(xv.v[j]) + static_cast<float>(pv.v[j]));
-      }
-      *reinterpret_cast<Vec<out_t, VEC>*>(out_row + d) = ov;
-    }
-  }
-}
-
-// Elements per 16-byte access of the widest of the three types.
-template <typename x_t, typename pos_t, typename out_t>
-constexpr int kGatherVec = 16 / static_cast<int>(std::max({sizeof(x_t), sizeof(pos_t), sizeof(out_t)}));
-
-template <int THREADS, int IPT, typename x_t, typename pos_t, typename out_t>
-__global__ void __launch_bounds__(THREADS, 1)
-    random_masking_gather_kernel(const void* noise, NoiseType dtype, int L, int K, int64_t D, const x_t* x,
-                                 const pos_t* pos_embed, bool vectorized, int64_t* ids_keep, int64_t* ids_restore,
-                                 float* mask, out_t* x_masked) {
-  __shared__ typename Tile<THREADS, IPT>::Shared smem;
-  __shared__ int32_t keep[Tile<THREADS, IPT>::kSize];
-  const int64_t n = blockIdx.x;
-  mask_sample<THREADS, IPT>(NoiseKeys{noise, dtype, n * L}, n, L, K, ids_keep, ids_restore, mask, smem, keep);
-  const x_t* x_n = x + n * L * D;
-  const pos_t* pos = pos_embed + D;  // row 1 + l is patch l's
-  out_t* out_n = x_masked + n * K * D;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (vectorized) {
-    copy_rows<kGatherVec<x_t, pos_t, out_t>>(keep, K, D, x_n, pos, out_n, warp, lane, THREADS / 32);
-  } else {
-    copy_rows<1>(keep, K, D, x_n, pos, out_n, warp, lane, THREADS / 32);
-  }
+  mask_sample<THREADS, IPT>(keys, n, L, K, ids_keep, ids_restore, mask, smem);
 }
 
 // Calls launch(THREADS, IPT) as integral constants for the tile that holds L patches.
@@ -255,7 +187,7 @@ void check_sizes(const char* op, int64_t N, int64_t L, int64_t len_keep) {
   TORCH_CHECK(N >= 0 && N <= INT32_MAX, op, ": the number of samples must be in [0, 2^31) (one block each), got ", N);
   TORCH_CHECK(L >= 1 && L <= kMaxPatches, op, ": the CUDA kernel takes 1 <= L <= ", kMaxPatches,
               " patches (one block sorts a sample), got L=", L);
-  TORCH_CHECK(len_keep >= 1 && len_keep <= L, op, ": len_keep must be in [1, L=", L, "], got ", len_keep);
+  TORCH_CHECK(len_keep >= 0 && len_keep <= L, op, ": len_keep must be in [0, L=", L, "], got ", len_keep);
 }
 
 void check_noise(const char* op, const at::Tensor& noise, int64_t len_keep) {
@@ -318,68 +250,9 @@ Masks random_masking_philox_cuda(const at::Tensor& seed_step, int64_t num_sample
   return {ids_keep, ids_restore, mask};
 }
 
-// x's dtypes: fp32, bf16, fp16 (pos_embed: x's dtype or fp32), AT_DISPATCH_FLOATING_TYPES_AND2 without double.
-#define FASTMAE_GATHER_TYPES(...)               \
-  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)     \
-  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
-  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)
-
-bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-template <typename x_t, typename pos_t>
-void launch_gather(const at::Tensor& noise, int64_t len_keep, const at::Tensor& x, const at::Tensor& pos_embed,
-                   at::Tensor& ids_keep, at::Tensor& ids_restore, at::Tensor& mask, at::Tensor& x_masked) {
-  using out_t = std::conditional_t<std::is_same_v<x_t, pos_t>, x_t, float>;
-  const int64_t N = x.size(0), L = x.size(1), D = x.size(2);
-  constexpr int vec = kGatherVec<x_t, pos_t, out_t>;
-  const bool vectorized = D % vec == 0 && aligned(x.data_ptr(), vec * sizeof(x_t)) &&
-                          aligned(pos_embed.data_ptr(), vec * sizeof(pos_t)) &&
-                          aligned(x_masked.data_ptr(), vec * sizeof(out_t));
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  with_tile(L, [&](auto threads, auto ipt) {
-    constexpr int kThreads = decltype(threads)::value, kIpt = decltype(ipt)::value;
-    random_masking_gather_kernel<kThreads, kIpt, x_t, pos_t, out_t>
-        <<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-            noise.data_ptr(), noise_type(noise), L, len_keep, D, x.data_ptr<x_t>(), pos_embed.data_ptr<pos_t>(),
-            vectorized, ids_keep.data_ptr<int64_t>(), ids_restore.data_ptr<int64_t>(), mask.data_ptr<float>(),
-            x_masked.data_ptr<out_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_gather_cuda(const at::Tensor& noise_in,
-                                                                                      int64_t len_keep,
-                                                                                      const at::Tensor& x_in,
-                                                                                      const at::Tensor& pos_in) {
-  const char* op = "random_masking_gather";
-  TORCH_CHECK(noise_in.is_cuda() && x_in.device() == noise_in.device() && pos_in.device() == noise_in.device(), op,
-              ": noise, x and pos_embed must be on one CUDA device, got ", noise_in.device(), ", ", x_in.device(),
-              ", ", pos_in.device());
-  check_noise(op, noise_in, len_keep);
-  random_masking_check_gather(op, noise_in, x_in, pos_in);
-  const int64_t N = noise_in.size(0), L = noise_in.size(1), D = x_in.size(2);
-  const auto x_type = x_in.scalar_type(), pos_type = pos_in.scalar_type();
-  const c10::cuda::CUDAGuard guard(noise_in.device());
-  const at::Tensor noise = noise_in.contiguous(), x = x_in.contiguous(), pos_embed = pos_in.contiguous();
-  at::Tensor ids_keep, ids_restore, mask;
-  std::tie(ids_keep, ids_restore, mask) = empty_masks(N, L, len_keep, noise.options());
-  at::Tensor x_masked = at::empty({N, len_keep, D}, x.options().dtype(pos_type == x_type ? x_type : at::kFloat));
-  if (N > 0) {
-    AT_DISPATCH_SWITCH(x_type, "random_masking_gather", FASTMAE_GATHER_TYPES([&] {
-      if (pos_type == x_type) {
-        launch_gather<scalar_t, scalar_t>(noise, len_keep, x, pos_embed, ids_keep, ids_restore, mask, x_masked);
-      } else {
-        launch_gather<scalar_t, float>(noise, len_keep, x, pos_embed, ids_keep, ids_restore, mask, x_masked);
-      }
-    }));
-  }
-  return {ids_keep, ids_restore, mask, x_masked};
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmae, CUDA, m) {
+TORCH_LIBRARY_IMPL(fastmae_C, CUDA, m) {
   m.impl("random_masking", &random_masking_cuda);
   m.impl("random_masking_philox", &random_masking_philox_cuda);
-  m.impl("random_masking_gather", &random_masking_gather_cuda);
 }

@@ -4,11 +4,9 @@
 // -0.0 -> +0.0 so the two tie), as in random_masking.cu. Sorting the distinct uint64 values
 // (key << 32 | l) ascending is the stable argsort of the noise (ties by index, NaN last, as
 // torch.argsort(stable=True)); rank r of patch l gives ids_restore[n, l] = r, mask[n, l] = r >= K,
-// ids_keep[n, r] = l for r < K. random_masking_gather then copies
-// x_masked[n, k] = x[n, ids_keep[n, k]] + pos_embed[0, 1 + ids_keep[n, k]] (fp32 sum, one rounding to
-// the output dtype: x's, or fp32 when pos_embed is fp32 and x bf16/fp16). random_masking_philox draws
-// the keys from Philox4x32-10 exactly as the CUDA kernel and fastmae.ops.random_masking.
-// philox_noise_reference do (the few lines of Philox are repeated here: the .cu file's are device code).
+// ids_keep[n, r] = l for r < K. random_masking_philox draws the keys from Philox4x32-10 exactly as the
+// CUDA kernel and fastmae.ops.random_masking.philox_noise_reference do (the few lines of Philox are
+// repeated here: the .cu file's are device code).
 // No patch limit on CPU (the CUDA kernel's is L <= 1024). Bytes moved: as the CUDA kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,26 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
-#include <type_traits>
 #include <vector>
-
-// The x and pos_embed checks of random_masking_gather (noise (N, L) already checked), shared with
-// csrc/random_masking.cu: x (N, L, D) and pos_embed (1, L+1, D), x in fp32/bf16/fp16, pos_embed in
-// x's dtype or fp32.
-void random_masking_check_gather(const char* op, const at::Tensor& noise_in, const at::Tensor& x_in,
-                                 const at::Tensor& pos_in) {
-  const int64_t N = noise_in.size(0), L = noise_in.size(1);
-  TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == N && x_in.size(1) == L, op, ": x must be (N, L, D) = (", N, ", ",
-              L, ", D), got ", x_in.sizes());
-  const int64_t D = x_in.size(2);
-  TORCH_CHECK(pos_in.dim() == 3 && pos_in.size(0) == 1 && pos_in.size(1) == L + 1 && pos_in.size(2) == D, op,
-              ": pos_embed must be (1, L+1, D) = (1, ", L + 1, ", ", D, "), got ", pos_in.sizes());
-  const auto x_type = x_in.scalar_type(), pos_type = pos_in.scalar_type();
-  TORCH_CHECK(x_type == at::kFloat || x_type == at::kBFloat16 || x_type == at::kHalf, op,
-              ": x must be float32, bfloat16 or float16, got ", x_type);
-  TORCH_CHECK(pos_type == x_type || pos_type == at::kFloat, op, ": pos_embed must have x's dtype (", x_type,
-              ") or float32, got ", pos_type);
-}
 
 namespace {
 
@@ -105,7 +84,7 @@ Masks empty_masks(int64_t N, int64_t L, int64_t K, const at::TensorOptions& like
 void check_sizes(const char* op, int64_t N, int64_t L, int64_t len_keep) {
   TORCH_CHECK(N >= 0, op, ": the number of samples must be >= 0, got ", N);
   TORCH_CHECK(L >= 1 && L <= INT32_MAX, op, ": the number of patches must be in [1, 2^31), got L=", L);
-  TORCH_CHECK(len_keep >= 1 && len_keep <= L, op, ": len_keep must be in [1, L=", L, "], got ", len_keep);
+  TORCH_CHECK(len_keep >= 0 && len_keep <= L, op, ": len_keep must be in [0, L=", L, "], got ", len_keep);
 }
 
 void check_noise(const char* op, const at::Tensor& noise, int64_t len_keep) {
@@ -120,9 +99,8 @@ void check_noise(const char* op, const at::Tensor& noise, int64_t len_keep) {
 // Grain of at::parallel_for: about 32 Ki elements of work per chunk.
 int64_t grain(int64_t per_sample) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_sample)); }
 
-// Ranks each sample of `noise` (contiguous) and calls after(n, order) with the sample's sorted order.
-template <typename After>
-Masks mask_samples(const at::Tensor& noise, int64_t K, int64_t grain_size, After&& after) {
+// Ranks each sample of `noise` (contiguous).
+Masks mask_samples(const at::Tensor& noise, int64_t K) {
   const int64_t N = noise.size(0), L = noise.size(1);
   auto [ids_keep, ids_restore, mask] = empty_masks(N, L, K, noise.options());
   int64_t* keep = ids_keep.data_ptr<int64_t>();
@@ -130,14 +108,13 @@ Masks mask_samples(const at::Tensor& noise, int64_t K, int64_t grain_size, After
   float* removed = mask.data_ptr<float>();
   AT_DISPATCH_SWITCH(noise.scalar_type(), "random_masking_cpu", FASTMAE_FLOAT_TYPES([&] {
     const scalar_t* data = noise.data_ptr<scalar_t>();
-    at::parallel_for(0, N, grain_size, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, grain(L), [&](int64_t begin, int64_t end) {
       std::vector<uint64_t> order(L);
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t l = 0; l < L; ++l) {
           order[l] = uint64_t{sort_key(static_cast<float>(data[n * L + l]))} << 32 | static_cast<uint64_t>(l);
         }
         write_ranks(order, n, L, K, keep, restore, removed);
-        after(n, order);
       }
     });
   }));
@@ -146,7 +123,7 @@ Masks mask_samples(const at::Tensor& noise, int64_t K, int64_t grain_size, After
 
 Masks random_masking_cpu(const at::Tensor& noise, int64_t len_keep) {
   check_noise("random_masking", noise, len_keep);
-  return mask_samples(noise.contiguous(), len_keep, grain(noise.size(1)), [](int64_t, const std::vector<uint64_t>&) {});
+  return mask_samples(noise.contiguous(), len_keep);
 }
 
 Masks random_masking_philox_cpu(const at::Tensor& seed_step, int64_t num_samples, int64_t num_patches,
@@ -182,64 +159,17 @@ Masks random_masking_philox_cpu(const at::Tensor& seed_step, int64_t num_samples
   return {ids_keep, ids_restore, mask};
 }
 
-// x_masked[n, k] = x[n, l] + pos_embed[0, 1 + l] for the patch l of rank k < K.
-template <typename x_t, typename pos_t>
-Masks gather_samples(const at::Tensor& noise, int64_t K, const at::Tensor& x, const at::Tensor& pos_embed,
-                     at::Tensor& x_masked) {
-  using out_t = std::conditional_t<std::is_same_v<x_t, pos_t>, x_t, float>;
-  const int64_t L = x.size(1), D = x.size(2);
-  const x_t* xs = x.data_ptr<x_t>();
-  const pos_t* pos = pos_embed.data_ptr<pos_t>() + D;  // row 1 + l is patch l's
-  out_t* out = x_masked.data_ptr<out_t>();
-  return mask_samples(noise, K, grain(L + K * D), [&](int64_t n, const std::vector<uint64_t>& order) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t l = static_cast<int64_t>(order[k] & 0xFFFFFFFFu);
-      const x_t* x_row = xs + (n * L + l) * D;
-      const pos_t* pos_row = pos + l * D;
-      out_t* out_row = out + (n * K + k) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        out_row[d] = static_cast<out_t>(static_cast<float>(x_row[d]) + static_cast<float>(pos_row[d]));
-      }
-    }
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_gather_cpu(const at::Tensor& noise_in,
-                                                                                     int64_t len_keep,
-                                                                                     const at::Tensor& x_in,
-                                                                                     const at::Tensor& pos_in) {
-  const char* op = "random_masking_gather";
-  check_noise(op, noise_in, len_keep);
-  TORCH_CHECK(x_in.device().is_cpu() && pos_in.device().is_cpu(), op,
-              ": noise, x and pos_embed must all be on the CPU, got ", noise_in.device(), ", ", x_in.device(), ", ",
-              pos_in.device());
-  random_masking_check_gather(op, noise_in, x_in, pos_in);
-  const int64_t N = noise_in.size(0), L = noise_in.size(1), D = x_in.size(2);
-  const auto x_type = x_in.scalar_type(), pos_type = pos_in.scalar_type();
-  const at::Tensor noise = noise_in.contiguous(), x = x_in.contiguous(), pos_embed = pos_in.contiguous();
-  at::Tensor x_masked = at::empty({N, len_keep, D}, x.options().dtype(pos_type == x_type ? x_type : at::kFloat));
-  Masks masks;
-  AT_DISPATCH_SWITCH(x_type, "random_masking_gather_cpu", FASTMAE_FLOAT_TYPES([&] {
-    masks = pos_type == x_type ? gather_samples<scalar_t, scalar_t>(noise, len_keep, x, pos_embed, x_masked)
-                               : gather_samples<scalar_t, float>(noise, len_keep, x, pos_embed, x_masked);
-  }));
-  auto& [ids_keep, ids_restore, mask] = masks;
-  return {ids_keep, ids_restore, mask, x_masked};
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmae, CPU, m) {
+TORCH_LIBRARY_IMPL(fastmae_C, CPU, m) {
   m.impl("random_masking", &random_masking_cpu);
   m.impl("random_masking_philox", &random_masking_philox_cpu);
-  m.impl("random_masking_gather", &random_masking_gather_cpu);
 }
 
 // No gradient: ids_keep and ids_restore are integers and mask is a constant 0/1 pattern (the reference's
 // argsort gives noise no gradient either). Falling through the Autograd key runs the kernels below it,
 // so the outputs never require grad, whatever the noise (the CUDA and CPU implementations alike).
-// random_masking_gather's autograd (grad_x) is registered from Python (fastmae/ops/random_masking.py).
-TORCH_LIBRARY_IMPL(fastmae, Autograd, m) {
+TORCH_LIBRARY_IMPL(fastmae_C, Autograd, m) {
   m.impl("random_masking", torch::CppFunction::makeFallthrough());
   m.impl("random_masking_philox", torch::CppFunction::makeFallthrough());
 }

@@ -270,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor> unshuffle_backward_cuda(const at::Tensor& gra
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmae, CUDA, m) {
+TORCH_LIBRARY_IMPL(fastmae_C, CUDA, m) {
   m.impl("unshuffle", &unshuffle_cuda);
   m.impl("unshuffle_backward", &unshuffle_backward_cuda);
 }

@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> unshuffle_backward_cpu(const at::Tensor& grad
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmae, CPU, m) {
+TORCH_LIBRARY_IMPL(fastmae_C, CPU, m) {
   m.impl("unshuffle", &unshuffle_cpu);
   m.impl("unshuffle_backward", &unshuffle_backward_cpu);
 }

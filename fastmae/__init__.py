@@ -4,27 +4,11 @@
 methods and ``state_dict`` keys, with the MAE-specific work done by the ops in :mod:`fastmae.ops`.
 """
 
-from fastmae import ops
-from fastmae.model import (
-    MAE,
-    PRESETS,
-    MaskedAutoencoderViT,
-    mae_vit_base_patch16,
-    mae_vit_base_patch16_dec512d8b,
-    mae_vit_huge_patch14,
-    mae_vit_huge_patch14_dec512d8b,
-    mae_vit_large_patch16,
-    mae_vit_large_patch16_dec512d8b,
-    mae_vit_small_patch16,
-    mae_vit_small_patch16_dec256d4b,
-    mae_vit_tiny_patch16,
-    mae_vit_tiny_patch16_dec128d2b,
-)
-from fastmae.ops import use_backend
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
+_MODEL_NAMES = (
     "MAE",
     "PRESETS",
     "MaskedAutoencoderViT",
@@ -38,6 +22,20 @@ __all__ = [
     "mae_vit_small_patch16_dec256d4b",
     "mae_vit_tiny_patch16",
     "mae_vit_tiny_patch16_dec128d2b",
-    "ops",
-    "use_backend",
-]
+)
+__all__ = [*_MODEL_NAMES, "ops", "use_backend"]
+
+
+def __getattr__(name: str) -> object:
+    """The public names, imported on first use: ``import fastmae`` (and ``fastmae --help``) loads no torch."""
+    if name in _MODEL_NAMES:
+        return getattr(importlib.import_module("fastmae.model"), name)
+    if name == "ops":
+        return importlib.import_module("fastmae.ops")
+    if name == "use_backend":
+        return importlib.import_module("fastmae.ops").use_backend
+    raise AttributeError(f"module 'fastmae' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,4 +1,8 @@
-"""The ``fastmae`` command: ``fastmae pretrain ...``, ``fastmae bench ...`` and ``fastmae info``."""
+"""The ``fastmae`` command: ``fastmae pretrain ...``, ``fastmae bench ...`` and ``fastmae info``.
+
+Building the parser imports neither torch nor the training code (``fastmae --help`` stays fast); each command
+imports what it needs when it runs, and the ``bench`` flags are added only when ``bench`` is the command.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +20,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from fastmae.benchmark.command import add_arguments as add_bench_arguments
-from fastmae.benchmark.command import cmd_bench
-from fastmae.train.config import DEMO_DEFAULTS, PAPER_DEFAULTS, PARALLEL_MODES, PRECISIONS, PretrainConfig
-from fastmae.train.nonfinite import EXIT_NONFINITE
-from fastmae.train.preemption import EXIT_PREEMPTED
+from fastmae.train.config import DEMO_DEFAULTS, PAPER_DEFAULTS, PARALLEL_MODES, PRECISIONS, PretrainConfig, SettingError
+from fastmae.train.exit_codes import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_PREEMPTED
 
 
 PRETRAIN_HELP = {
     "model": "model preset",
     "data": "training images: an ImageFolder tree or a text file of image paths (default: the demo photos)",
+    "heldout": "held-out images, never trained on (an ImageFolder tree or a text file of image paths): their "
+               "masked-patch loss is logged at each log interval and the figure shows them (default: none; the "
+               "demo's held-out crops without --data)",
     "output": "output folder; rerunning with the same folder resumes from its newest checkpoint",
     "steps": "total optimiser steps (instead of --epochs)",
     "epochs": "epochs over the data",
@@ -47,9 +51,9 @@ PRETRAIN_HELP = {
     "num_workers": "data-loading worker processes (torch loader) or threads (DALI)",
     "loader": "input pipeline: dali (GPU JPEG decode), torch (PIL on DataLoader workers), or auto: DALI when "
               "installed",
-    "on_bad_file": "error: stop at the first bad image file, naming it; skip: leave bad files out, log each, "
-                   "stop when more than max_skip_fraction of the files are bad",
-    "max_skip_fraction": "with on_bad_file skip: the fraction of bad files, in [0, 1), above which the run stops "
+    "on_bad_file": "error: stop when the up-front check finds bad image files, naming them; skip: leave bad files "
+                   "out, log each, stop when more than max_skip_fraction of the files are bad",
+    "max_skip_fraction": "with --on-bad-file skip: the fraction of bad files, in [0, 1), above which the run stops "
                          "over a broken dataset",
     "bad_file_check": "how each file is checked up front: header (its header and end, ~0.05 ms a file) or decode "
                       "(also decoded at low resolution, ~1 ms a file)",
@@ -91,7 +95,9 @@ def _read_config_file(path: str) -> dict:
     raise ValueError(f"--config must be a .json or .toml file, got {path!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_bench_flags: bool = True) -> argparse.ArgumentParser:
+    """The ``fastmae`` parser. ``with_bench_flags=False`` leaves out the ``bench`` flags, whose definition imports
+    the benchmark (and torch): ``main`` adds them only when ``bench`` is the command."""
     parser = argparse.ArgumentParser(prog="fastmae", description="Fast, faithful MAE pretraining for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="MAE pretraining (no --data: the embedded demo photos)",
@@ -99,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "then the flags below. Under torchrun the same command trains on every rank "
                                      "(e.g. torchrun --nproc_per_node=8 --no-python fastmae pretrain ...). Rerunning "
                                      "it with the same --output resumes from the newest complete checkpoint.",
-                         epilog=f"Exit codes: 0 done; 2 bad configuration, a bad image file (see --on-bad-file) "
-                                f"or no loadable checkpoint in --output; {EXIT_NONFINITE} stopped after too many "
+                         epilog=f"Exit codes: 0 done (also when --output already holds the last step's "
+                                f"checkpoint: nothing is changed); {EXIT_BAD_SETTING} a bad setting (nothing is read "
+                                f"or written), a bad image file (see --on-bad-file) or no loadable checkpoint in "
+                                f"--output; {EXIT_NONFINITE} stopped after too many "
                                 f"consecutive non-finite steps (the last checkpoint is good); {EXIT_PREEMPTED} "
                                 "preempted by SIGTERM or SIGUSR1 after saving a checkpoint (run the same command "
                                 "again to resume).")
@@ -111,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="pretraining-step img/s, MFU and memory of fastmae and the baselines",
                            description="Time complete pretraining steps of each model x input x implementation; "
                                        "each row is upserted into <results-dir>/<gpu>.csv as soon as it is measured.")
-    add_bench_arguments(bench)
+    if with_bench_flags:
+        from fastmae.benchmark.command import add_arguments as add_bench_arguments
+
+        add_bench_arguments(bench)
     return parser
 
 
@@ -136,14 +147,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             values[f.name] = getattr(args, f.name)
     try:
         cfg = PretrainConfig.from_dict(values)
-    except (TypeError, ValueError) as exc:
+    except SettingError as exc:
+        print(f"fastmae pretrain: {exc.with_flags()}", file=sys.stderr)
+        return EXIT_BAD_SETTING
+    except (TypeError, ValueError) as exc:  # a config file's unknown key or wrongly typed value
         print(f"fastmae pretrain: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_SETTING
     try:
         summary = pretrain(cfg, progress=not args.no_progress)
+    except SettingError as exc:  # raised before anything is written
+        print(f"fastmae pretrain: {exc.with_flags()}", file=sys.stderr)
+        return EXIT_BAD_SETTING
     except (BadImageError, NoLoadableCheckpointError) as exc:  # a bad image, too many skipped, damaged checkpoints
         print(f"fastmae pretrain: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_SETTING
     except NonFiniteError as exc:
         print(f"fastmae pretrain (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
         _ignore_sigterm()
@@ -151,10 +168,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if summary.status == "preempted":
         _ignore_sigterm()
         return EXIT_PREEMPTED
+    if summary.status == "already complete":  # pretrain() said so; nothing was changed
+        return 0
     if os.environ.get("RANK", "0") == "0":
         print(f"fastmae pretrain: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
-              f"{summary.img_per_s:.0f} img/s, {summary.skipped_steps} non-finite steps skipped; outputs in "
-              f"{summary.output}/ (config.json, metrics.jsonl, tensorboard/, checkpoints/, reconstruction.png)")
+              f"{summary.img_per_s:.0f} img/s, {summary.skipped_steps} non-finite steps skipped"
+              + (f", held-out loss {summary.heldout_loss:.4f} (flat-patch baseline {summary.heldout_baseline:.4f})"
+                 if summary.heldout_loss == summary.heldout_loss else "")
+              + f"; outputs in {summary.output}/ ({', '.join(summary.outputs)})")
     return 0
 
 
@@ -171,11 +192,19 @@ def cmd_info() -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name()
+    elif torch.version.cuda is None:
+        gpu = "none usable: this torch is a CPU-only build"
+    else:
+        gpu = "none visible (torch is a CUDA build; no GPU or driver found)"
     print(f"fastmae {fastmae.__version__}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
           f"triton {triton_version}, Python {platform.python_version()}")
     print(f"GPU: {gpu}")
-    print(f"fastmae._C: {extension_status()[1]}")
+    loaded, detail = extension_status()
+    if loaded and not torch.cuda.is_available():
+        detail += "; no GPU here, so only its CPU implementations run"
+    print(f"fastmae._C: {detail}")
     rows = backend_table()
     width = max(len(row[0]) for row in rows)
     print(f"\n{'op':<{width}}  backend    status")
@@ -190,10 +219,15 @@ def cmd_info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``fastmae <argv>`` (default: the command line's arguments); returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)  # the top level takes no option values
+    args = build_parser(with_bench_flags=command == "bench").parse_args(argv)
     if args.command == "pretrain":
         return cmd_pretrain(args)
     if args.command == "bench":
+        from fastmae.benchmark.command import cmd_bench
+
         return cmd_bench(args)
     return cmd_info()
 

@@ -1,38 +1,49 @@
-"""Loading the optional CUDA C++ extension ``fastmae._C`` (its ops appear as ``torch.ops.fastmae.*``)."""
+"""Loading the optional CUDA C++ extension ``fastmae._C`` (its kernels appear as ``torch.ops.fastmae_C.*``)."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import os
+import shutil
 
 
 @functools.lru_cache(maxsize=None)
 def extension_status() -> tuple[bool, str]:
     """``(loaded, detail)``: whether ``fastmae._C`` imports, and its build or the reason it does not."""
-    try:
-        import torch
+    import torch
 
-        import fastmae._C  # noqa: F401  (registers torch.ops.fastmae)
+    try:
+        import fastmae._C  # noqa: F401  (registers torch.ops.fastmae_C)
     except ImportError as exc:
-        return False, f"fastmae._C not importable ({exc}); reinstall with a CUDA build of torch and nvcc"
-    cuda_version, *archs = torch.ops.fastmae.build_info()
+        return False, _why_not_loaded(exc, torch.__version__, torch.version.cuda)
+    cuda_version, *archs = torch.ops.fastmae_C.build_info()
     major, minor = cuda_version // 1000, cuda_version % 1000 // 10
     return True, f"built with CUDA {major}.{minor} for " + ", ".join(f"sm_{a // 10}" for a in archs)
 
 
-def extension_backend_available(register: Callable[[], None]) -> Callable[[], str | None]:
-    """The ``available`` check of an op's ``cuda`` backend: ``fastmae._C`` loaded, then ``register()``
-    (the op's fake implementations and autograd, in Python) run once; else the reason it is not."""
-    register_once = functools.cache(register)
+REINSTALL = "pip install --no-build-isolation --use-pep517 -e ."
 
-    def available() -> str | None:
-        loaded, detail = extension_status()
-        if not loaded:
-            return detail
-        try:
-            register_once()
-        except Exception as exc:  # a torch without these torch.library APIs: the backend is unavailable
-            return f"registering the Python side of fastmae._C failed: {exc!r}"
-        return None
 
-    return available
+def _nvcc() -> str | None:
+    """The nvcc setup.py would build with: ``$CUDA_HOME/bin/nvcc``, else ``/usr/local/cuda/bin/nvcc``."""
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return shutil.which("nvcc", path=os.path.join(cuda_home, "bin"))
+
+
+def _why_not_loaded(exc: ImportError, torch_version: str, torch_cuda: str | None) -> str:
+    """What is missing, in the terms of setup.py's decision: a CPU build of torch, no nvcc at install time (or
+    ``FASTMAE_BUILD_CUDA=0``, or a failed build), or a library that is there but does not load."""
+    if not (isinstance(exc, ModuleNotFoundError) and exc.name == "fastmae._C"):  # there, but does not load
+        return (f"fastmae._C is installed but does not load ({exc}): built against another torch than "
+                f"{torch_version}? Rebuild it: {REINSTALL}")
+    if torch_cuda is None:
+        return (f"not built: torch {torch_version} is a CPU-only build, which cannot build CUDA extensions; install "
+                f"a CUDA build of torch, then reinstall fastmae ({REINSTALL}); the other backends work without it")
+    nvcc = _nvcc()
+    if nvcc is None:
+        return (f"not built: no nvcc under CUDA_HOME or /usr/local/cuda (torch {torch_version} is a CUDA "
+                f"{torch_cuda} build, as needed); set CUDA_HOME to a CUDA toolkit and reinstall ({REINSTALL}); the "
+                "other backends work without it")
+    return (f"not built, although torch {torch_version} is a CUDA {torch_cuda} build and {nvcc} is here: fastmae was "
+            "installed before nvcc was, with FASTMAE_BUILD_CUDA=0, or its build failed (the install log says "
+            f"which); reinstall ({REINSTALL}), with FASTMAE_BUILD_CUDA=1 to make a failed build an error")

@@ -211,12 +211,11 @@ class MaskedAutoencoderViT(nn.Module):
 
     @staticmethod
     def _len_keep(mask_ratio: float, num_patches: int) -> int:
-        if not isinstance(mask_ratio, numbers.Real) or not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
-        len_keep = int(num_patches * (1 - mask_ratio))
-        if len_keep < 1:
-            raise ValueError(f"mask_ratio {mask_ratio} keeps no patch out of {num_patches}")
-        return len_keep
+        """``int(L * (1 - mask_ratio))`` as the official code; 0 (mask_ratio 1, or close to it) is allowed there
+        too: the encoder then sees the cls token alone."""
+        if not isinstance(mask_ratio, numbers.Real) or not 0.0 <= mask_ratio <= 1.0:
+            raise ValueError(f"mask_ratio must be a number in [0, 1], got {mask_ratio!r}")
+        return int(num_patches * (1 - mask_ratio))
 
     @staticmethod
     def _noise(noise: torch.Tensor | None, n: int, num_patches: int, device: torch.device) -> torch.Tensor:
@@ -322,6 +321,13 @@ def mae_vit_huge_patch14_dec512d8b(**kwargs) -> MaskedAutoencoderViT:  # noqa: A
     """The paper's ViT-H/14 MAE: 1280 wide, 32 blocks, 16 heads; 512-wide 8-block decoder."""
     return MaskedAutoencoderViT(patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512,
                                 decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN_EPS6, **kwargs)
+
+
+def mae_vit_demo_patch8_dec128d2b(**kwargs) -> MaskedAutoencoderViT:  # noqa: ANN003
+    """Demo-only (not an official preset): 8 px patches, a 128-wide 4-block encoder (4 heads), a 128-wide 2-block
+    decoder: the CPU demo's model, chosen by measurement (docs/demo-recipe.md)."""
+    return MaskedAutoencoderViT(patch_size=8, embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=128,
+                                decoder_depth=2, decoder_num_heads=4, mlp_ratio=4, norm_layer=_LN_EPS6, **kwargs)
 
 
 # the official short names

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of every Triton kernel, with its resource use: ``python -m fastmae.kernels.aot``.
 
-Each kernel file lists its launch configurations in ``AOT_KERNELS``; this compiles each for sm_80
+Each kernel file lists its launch configurations in ``AOT_KERNELS`` (signatures derived from the
+kernels' own arguments: :func:`jit_signature`); this compiles each for sm_80
 and sm_90 in bf16 and fp16 with ``triton.compile`` (no GPU needed; pointers hinted 16-byte aligned,
 as the JIT specialises for fresh tensors), runs ``ptxas -v`` (Triton's own) on the PTX for the
 target it names (sm_90a on Hopper) and reports registers, shared memory and spill bytes. Exit
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
 import os
 import pkgutil
@@ -27,17 +29,42 @@ ARCHS = (80, 90)
 DTYPES = ("bf16", "fp16")
 
 
+def jit_params(fn: object) -> list[tuple[str, bool]]:
+    """``(name, is_constexpr)`` of every parameter of the ``@triton.jit`` function ``fn``, in order: from its
+    ``params`` (a ``JITFunction``'s, Triton 3.3 to 3.8), else, for the interpreter's ``InterpretedFunction``
+    (``TRITON_INTERPRET=1``), which has none, from the annotations of the Python function it wraps."""
+    params = getattr(fn, "params", None)
+    if params is not None:
+        return [(p.name, bool(p.is_constexpr)) for p in params]
+    python_fn = getattr(fn, "fn", fn)
+    return [(name, "constexpr" in str(p.annotation)) for name, p in inspect.signature(python_fn).parameters.items()]
+
+
+def jit_signature(fn: object, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The Triton signature of ``fn`` from its own argument names: constexpr parameters ``"constexpr"``,
+    ``*_ptr`` arguments ``"*{dtype}"`` (the dtype under test), any other argument ``"i32"``; ``overrides``
+    sets the type of named arguments (``{"lse_ptr": "*fp32", "ids_ptr": "*i64", "scale": "fp32", "seed":
+    "i64"}``). ValueError when an override names no runtime argument of ``fn``."""
+    overrides = overrides or {}
+    params = jit_params(fn)
+    runtime = {name for name, constexpr in params if not constexpr}
+    unknown = sorted(set(overrides) - runtime)
+    if unknown:
+        raise ValueError(f"{getattr(fn, '__name__', fn)} has no runtime argument(s) {unknown} to override")
+    return {name: "constexpr" if constexpr else overrides.get(name, "*{dtype}" if name.endswith("_ptr") else "i32")
+            for name, constexpr in params}
+
+
 @dataclass(frozen=True)
 class AotKernel:
-    """One launch configuration of a ``@triton.jit`` kernel.
-
-    ``signature`` maps every argument to a Triton type (``"*{dtype}"`` is replaced by the dtype
-    under test, e.g. ``"*bf16"``; ``"constexpr"`` for the keys of ``constexprs``).
+    """One launch configuration of a ``@triton.jit`` kernel: ``fn``, the values of its constexpr parameters
+    (``constexprs``: every one, by name), ``overrides`` of the types :func:`jit_signature` derives from
+    its argument names, and the launch's warps and stages. ``label`` names the configuration in the report.
     """
 
     fn: object
-    signature: dict[str, str]
     constexprs: dict[str, object] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
@@ -46,6 +73,17 @@ class AotKernel:
     def name(self) -> str:
         base = getattr(self.fn, "__name__", str(self.fn))
         return f"{base}[{self.label}]" if self.label else base
+
+    @property
+    def signature(self) -> dict[str, str]:
+        """Every argument's Triton type (``"*{dtype}"`` is replaced by the dtype under test, e.g. ``"*bf16"``).
+        ValueError unless ``constexprs`` gives exactly the constexpr parameters."""
+        signature = jit_signature(self.fn, self.overrides)
+        wanted = {name for name, kind in signature.items() if kind == "constexpr"}
+        if wanted != set(self.constexprs):
+            raise ValueError(f"{self.name}: constexprs {sorted(self.constexprs)} != the kernel's constexpr "
+                             f"parameters {sorted(wanted)}")
+        return signature
 
 
 @dataclass(frozen=True)

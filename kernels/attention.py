@@ -6,7 +6,8 @@ q, k and v of head ``h`` are read with strides (no transposes, no copies); the o
 
 Tiles in two parts. Triton tiles are powers of two; padding MAE's sizes to one would waste much of the
 work (ViT-H's S = 65 -> 128 and Dh = 80 -> 128: 3.2x the score FLOPs; S = 257 -> 512: 2x). So the keys
-and the head dim are each covered by a main tile and an optional smaller one (:func:`two_parts`):
+and the head dim are each covered by a main tile and an optional smaller one (``two_parts`` in
+kernels/attention_plan.py, which holds the tiling policy):
 S 65 = 64 + 16, S 257 = 256 + 16, Dh 80 = 64 + 16 (S 50 -> 64, S 197 -> 256, Dh 32/64 stay one tile).
 Two head-dim parts make each product two ``tl.dot``s summed (q @ k^T) or two outputs (P @ V); two key
 parts give two score tiles whose softmax is still exact: one max and one sum over both.
@@ -14,13 +15,11 @@ parts give two score tiles whose softmax is still exact: one max and one sum ove
 Grids are one-dimensional, a program's (block, head) split from its id with the blocks of one head
 adjacent (CUDA caps a grid's second dimension at 65535; N*H can exceed it).
 
-Forward, ``cdiv(S, BLOCK_M) * N*H`` programs: S <= MAX_S, so a program holds the whole K and V of its
+Forward, ``cdiv(S, BLOCK_M) * N*H`` programs: S <= 512 (``MAX_S``), so a program holds the whole K and V of its
 head and ``BLOCK_M`` query rows: the score tiles in fp32, an exact (not online) softmax in fp32,
 ``P @ V``, and the logsumexp ``lse (N, H, S)`` fp32 saved for the backward. A second forward
 (``AttentionPlan.fwd_loop``) walks the keys a block at a time with flash-attention's online softmax:
-smaller tiles, keys padded to a multiple of the block only (the default where the head dim is one tile: on
-an H200 the fastest looped forward took 0.70x / 0.85x the fastest whole-K/V one's time at the decoders, S 197
-/ 257, 0.96-0.97x at S 50; at ViT-H's Dh 80 = 64 + 16 it took 1.22x).
+smaller tiles, keys padded to a multiple of the block only (the default where the head dim is one tile).
 
 Backward, no atomics, two forms (:class:`AttentionPlan`):
   * fused (small heads: ``keys * head dim`` up to 64*64, head dim in one part), ``N*H`` programs, one a
@@ -33,8 +32,8 @@ Backward, no atomics, two forms (:class:`AttentionPlan`):
     blocks here, so only the head dim is in parts.
   Both write ``d(qkv)`` in the packed layout.
 
-:func:`default_plan` picks the tiles, blocks and warps: at MAE's shapes the ones ``bench/tune_attention.py``
-measured fastest on an H200 (no spills on sm_80/sm_90 with Triton 3.8 or 3.6: ``python -m fastmae.kernels.aot``).
+``default_plan`` (kernels/attention_plan.py) picks the tiles, blocks and warps; the launchers here take any
+:class:`AttentionPlan` (``bench/tune_attention.py`` times those of kernels/attention_tuning.py).
 
 Matmuls accumulate in fp32; softmax, its statistics and the gradients' elementwise math are fp32.
 fp32 inputs use exact fp32 products (``input_precision="ieee"``). bf16/fp16 inputs on a GPU feed the
@@ -52,19 +51,14 @@ Bytes moved (``e``: element size of qkv; ``T = N*S*H*Dh``; ``c(b) = cdiv(S, b)``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from functools import cache
-
 import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._common import interpreter_on, wrap_triton
+from fastmae.kernels._common import interpreter_on
 from fastmae.kernels.aot import AotKernel
+from fastmae.kernels.attention_plan import AttentionPlan, default_plan
 
-MAX_S = 512  # the whole K/V of a head in the forward's tiles
-MAX_HEAD_DIM = 128
-FUSED_BWD_MAX_TILE = 64 * 64  # keys * head dim (both padded) up to which the default backward is fused
 DELTA_BLOCK = 64  # split backward: rows per program of the delta preprocess
 
 
@@ -89,6 +83,33 @@ def _block_and_head(seq, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _head(pid_nh, seq, num_heads, head_dim):
+    """Head ``pid_nh = n*H + h``: ``(n`` (int64), ``h``, ``width = H*Dh``, the head's offset in a contiguous
+    ``(N, S, H*Dh)`` tensor (out, dO)``)``; its rows of the ``(N, H, S)`` statistics start at ``pid_nh * S``."""
+    n = (pid_nh // num_heads).to(tl.int64)
+    h = pid_nh % num_heads
+    width = num_heads * head_dim  # H*Dh
+    return n, h, width, n * seq * width + h * head_dim
+
+
+@triton.jit
+def _qkv_head(qkv_ptr, pid_nh, seq, num_heads, head_dim, stride_n):
+    """:func:`_head` where qkv is read: ``(width``, the head's q pointer in qkv (k's is ``width`` further, v's
+    ``2*width``), its offsets in out/dO and in the contiguous d(qkv) ``(N, S, 3*H*Dh)``, the statistics' row
+    offset``)``."""
+    n, h, width, offs = _head(pid_nh, seq, num_heads, head_dim)
+    return (width, qkv_ptr + n * stride_n + h * head_dim, offs, n * seq * 3 * width + h * head_dim,
+            pid_nh.to(tl.int64) * seq)
+
+
+@triton.jit
+def _rows(start, seq, BLOCK: tl.constexpr):
+    """``(BLOCK,)`` positions ``start ..`` and which of them are ``< seq``."""
+    rows = start + tl.arange(0, BLOCK)
+    return rows, rows < seq
+
+
+@triton.jit
 def _load(ptr, rows, row_ok, row_stride, col0, num_cols, BLOCK_C: tl.constexpr):
     """``(len(rows), BLOCK_C)`` tile: columns ``col0 .. col0 + BLOCK_C`` of the given rows of a matrix with unit
     column stride, zero outside ``row_ok`` and past ``num_cols``."""
@@ -109,11 +130,58 @@ def _load_parts(ptr, rows, row_ok, row_stride, num_cols, BLOCK_D: tl.constexpr, 
 
 
 @triton.jit
+def _load_rows(a_ptr, b_ptr, start, seq, a_stride, b_stride, head_dim, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_E: tl.constexpr):
+    """Rows ``start .. start + BLOCK`` of two heads' tensors (k and v, q and dO, out and dO): ``(rows, row_ok``,
+    a's parts, b's parts``)`` (:func:`_load_parts`)."""
+    rows, row_ok = _rows(start, seq, BLOCK)
+    a0, a1 = _load_parts(a_ptr, rows, row_ok, a_stride, head_dim, BLOCK_D, BLOCK_E)
+    b0, b1 = _load_parts(b_ptr, rows, row_ok, b_stride, head_dim, BLOCK_D, BLOCK_E)
+    return rows, row_ok, a0, a1, b0, b1
+
+
+@triton.jit
+def _zero_parts(ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """fp32 accumulators for the head-dim parts of ``ROWS`` rows, laid out as :func:`_load_parts` returns them."""
+    x0 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    x1 = x0
+    if BLOCK_E > 0:
+        x1 = tl.zeros([ROWS, BLOCK_E], dtype=tl.float32)
+    return x0, x1
+
+
+@triton.jit
+def _acc_parts(acc0, acc1, a, b0, b1, BLOCK_E: tl.constexpr, NATIVE: tl.constexpr):
+    """``(acc0 + a @ b0, acc1 + a @ b1)``, the products in the head-dim parts (the second only when BLOCK_E > 0)."""
+    acc0 += _dot(a, b0, NATIVE)
+    if BLOCK_E > 0:
+        acc1 += _dot(a, b1, NATIVE)
+    return acc0, acc1
+
+
+@triton.jit
 def _store(ptr, x, rows, row_ok, row_stride, col0, num_cols, BLOCK_C: tl.constexpr):
     """Writes the ``(len(rows), BLOCK_C)`` tile ``x`` where :func:`_load` reads, in ptr's dtype."""
     cols = col0 + tl.arange(0, BLOCK_C)
     tl.store(ptr + rows[:, None] * row_stride + cols[None, :], x.to(ptr.dtype.element_ty),
              mask=row_ok[:, None] & (cols < num_cols)[None, :])
+
+
+@triton.jit
+def _store_parts(ptr, x0, x1, rows, row_ok, row_stride, num_cols, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Writes the head-dim parts ``x0``, ``x1`` (the second only when BLOCK_E > 0) where :func:`_load_parts` reads."""
+    _store(ptr, x0, rows, row_ok, row_stride, 0, num_cols, BLOCK_D)
+    if BLOCK_E > 0:
+        _store(ptr, x1, rows, row_ok, row_stride, BLOCK_D, num_cols, BLOCK_E)
+
+
+@triton.jit
+def _store_dkdv(dq_ptr, width, dk0, dk1, dv0, dv1, scale, keys, key_ok, head_dim, BLOCK_D: tl.constexpr,
+                BLOCK_E: tl.constexpr):
+    """Writes ``dK = scale * dk`` and ``dV = dv`` of the given keys into d(qkv), whose q part of the head starts at
+    ``dq_ptr`` (k's ``width``, v's ``2*width`` further)."""
+    _store_parts(dq_ptr + width, dk0 * scale, dk1 * scale, keys, key_ok, 3 * width, head_dim, BLOCK_D, BLOCK_E)
+    _store_parts(dq_ptr + 2 * width, dv0, dv1, keys, key_ok, 3 * width, head_dim, BLOCK_D, BLOCK_E)
 
 
 @triton.jit
@@ -127,252 +195,158 @@ def _scores(a0, a1, b0, b1, BLOCK_E: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _store_forward(out_ptr, lse_ptr, o0, o1, l, m, rows, row_ok, n, h, pid_nh, seq, width, head_dim,
-                   BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Both forwards' epilogue: ``out = o / l`` from the unnormalised head-dim parts ``o0 (BLOCK_M, BLOCK_D)``,
-    ``o1 (BLOCK_M, BLOCK_E)`` (unused when BLOCK_E = 0), and ``lse = m + log(l)`` of the rows."""
-    o_ptr = out_ptr + n * seq * width + h * head_dim
-    _store(o_ptr, o0 / l[:, None], rows, row_ok, width, 0, head_dim, BLOCK_D)
-    if BLOCK_E > 0:
-        _store(o_ptr, o1 / l[:, None], rows, row_ok, width, BLOCK_D, head_dim, BLOCK_E)
-    tl.store(lse_ptr + pid_nh.to(tl.int64) * seq + rows, m + tl.log(l), mask=row_ok)
+def _probs(a0, a1, b0, b1, lse, ok, scale, BLOCK_E: tl.constexpr, NATIVE: tl.constexpr):
+    """The backwards' recomputed ``P = exp(scale * a @ b^T - lse)`` (a, b: q and k, or k and q for ``P^T``),
+    zero outside ``ok``; ``lse`` comes shaped to broadcast: ``(R, 1)`` for P, ``(1, C)`` for ``P^T``."""
+    return tl.where(ok, tl.exp(_scores(a0, a1, b0, b1, BLOCK_E, NATIVE) * scale - lse), 0.0)
 
 
 @triton.jit
-def _attention_fwd_kernel(
-    qkv_ptr,  # (N, S, 3*H*Dh), unit stride in the last dim
-    out_ptr,  # (N, S, H*Dh) contiguous
-    lse_ptr,  # (N, H, S) fp32
-    seq,  # S
-    num_heads,  # H
-    head_dim,  # Dh
-    stride_n,  # qkv.stride(0)
-    stride_s,  # qkv.stride(1)
-    scale,  # Dh ** -0.5
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    NATIVE: tl.constexpr,
-):
-    scale = tl.cast(scale, tl.float32)  # torch.compile's inductor passes a Python float as fp64
+def _masked_scores(q0, q1, k0, k1, key_ok, scale, BLOCK_E: tl.constexpr, NATIVE: tl.constexpr):
+    """The forwards' ``scale * q @ k^T``, ``-inf`` on padded keys."""
+    return tl.where(key_ok[None, :], _scores(q0, q1, k0, k1, BLOCK_E, NATIVE) * scale, float("-inf"))
+
+
+@triton.jit
+def _store_forward(o_ptr, lse_ptr, o0, o1, l, m, rows, row_ok, width, head_dim, BLOCK_D: tl.constexpr,
+                   BLOCK_E: tl.constexpr):
+    """Both forwards' epilogue: ``out = o / l`` from the unnormalised head-dim parts ``o0 (BLOCK_M, BLOCK_D)``,
+    ``o1 (BLOCK_M, BLOCK_E)`` (unused when BLOCK_E = 0), and ``lse = m + log(l)`` of the rows."""
+    _store_parts(o_ptr, o0 / l[:, None], o1 / l[:, None], rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
+    tl.store(lse_ptr + rows, m + tl.log(l), mask=row_ok)
+
+
+# The kernels' arguments, by name. Each kernel takes the ones it uses: its pointers in the order listed here,
+# then seq, num_heads, head_dim, then (where qkv is read) stride_n, stride_s and scale, then its constexprs.
+#   qkv_ptr    (N, S, 3*H*Dh), unit stride in the last dim; stride_n, stride_s: qkv.stride(0), qkv.stride(1)
+#   out_ptr    (N, S, H*Dh) contiguous: the output (the forwards write it, the delta preprocess reads it)
+#   dout_ptr   (N, S, H*Dh) contiguous: dO, the gradient of out
+#   lse_ptr    (N, H, S) fp32: the logsumexp of each query's scores (the forwards write it)
+#   delta_ptr  (N, H, S) fp32: rowsum(dO * O) (the delta preprocess writes it)
+#   dqkv_ptr   (N, S, 3*H*Dh) contiguous: d(qkv) (the split backward's dK/dV kernel writes the k and v thirds,
+#              its dQ kernel the q third)
+#   seq, num_heads, head_dim: S, H, Dh; scale: Dh ** -0.5 (cast to fp32 first: torch.compile may pass it as fp64)
+#   BLOCK_M    query rows: a program's block, or (split dK/dV, fused backward) a step of its loop over queries
+#   BLOCK_N    keys: the main key tile (whole-K/V forward, fused backward), a program's block (split dK/dV) or a
+#              step of a loop over keys (loop forward, split dQ)
+#   BLOCK_T    the tail key tile (0: none); BLOCK_D, BLOCK_E the head-dim parts (BLOCK_E 0: one part)
+#   NATIVE     bf16/fp16 tensor-core products (:func:`_dot`)
+@triton.jit
+def _attention_fwd_kernel(qkv_ptr, out_ptr, lse_ptr, seq, num_heads, head_dim, stride_n, stride_s, scale,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_E: tl.constexpr, NATIVE: tl.constexpr):
+    """The whole K and V of the head (BLOCK_N + BLOCK_T keys) against BLOCK_M queries, an exact softmax."""
+    scale = tl.cast(scale, tl.float32)
     pid_m, pid_nh = _block_and_head(seq, BLOCK_M)
-    n = (pid_nh // num_heads).to(tl.int64)
-    h = pid_nh % num_heads
-    width = num_heads * head_dim  # H*Dh
-    q_ptr = qkv_ptr + n * stride_n + h * head_dim
-    k_ptr = q_ptr + width
-    v_ptr = q_ptr + 2 * width
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
-    row_ok = rows < seq
+    width, q_ptr, offs, _, stats = _qkv_head(qkv_ptr, pid_nh, seq, num_heads, head_dim, stride_n)
+    rows, row_ok = _rows(pid_m * BLOCK_M, seq, BLOCK_M)  # query positions
     q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
-    keys0 = tl.arange(0, BLOCK_N)  # (BLOCK_N,) the main key tile
-    key0_ok = keys0 < seq
-    k00, k01 = _load_parts(k_ptr, keys0, key0_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
-    v00, v01 = _load_parts(v_ptr, keys0, key0_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
-    s0 = _scores(q0, q1, k00, k01, BLOCK_E, NATIVE) * scale
-    s0 = tl.where(key0_ok[None, :], s0, float("-inf"))  # (BLOCK_M, BLOCK_N)
+    _, key0_ok, k00, k01, v00, v01 = _load_rows(q_ptr + width, q_ptr + 2 * width, 0, seq, stride_s, stride_s,
+                                                head_dim, BLOCK_N, BLOCK_D, BLOCK_E)  # the main key tile
+    s0 = _masked_scores(q0, q1, k00, k01, key0_ok, scale, BLOCK_E, NATIVE)  # (BLOCK_M, BLOCK_N)
     m = tl.max(s0, axis=1)  # (BLOCK_M,)
     if BLOCK_T > 0:
-        keys1 = BLOCK_N + tl.arange(0, BLOCK_T)  # (BLOCK_T,) the tail key tile
-        key1_ok = keys1 < seq
-        k10, k11 = _load_parts(k_ptr, keys1, key1_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_T, BLOCK_D|E)
-        v10, v11 = _load_parts(v_ptr, keys1, key1_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
-        s1 = _scores(q0, q1, k10, k11, BLOCK_E, NATIVE) * scale
-        s1 = tl.where(key1_ok[None, :], s1, float("-inf"))  # (BLOCK_M, BLOCK_T)
+        _, key1_ok, k10, k11, v10, v11 = _load_rows(q_ptr + width, q_ptr + 2 * width, BLOCK_N, seq, stride_s,
+                                                    stride_s, head_dim, BLOCK_T, BLOCK_D, BLOCK_E)  # the tail tile
+        s1 = _masked_scores(q0, q1, k10, k11, key1_ok, scale, BLOCK_E, NATIVE)  # (BLOCK_M, BLOCK_T)
         m = tl.maximum(m, tl.max(s1, axis=1))
     p0 = tl.exp(s0 - m[:, None])
     l = tl.sum(p0, axis=1)  # (BLOCK_M,)
-    o0 = _dot(p0, v00, NATIVE)  # (BLOCK_M, BLOCK_D)
-    o1 = o0  # unused when BLOCK_E = 0
-    if BLOCK_E > 0:
-        o1 = _dot(p0, v01, NATIVE)  # (BLOCK_M, BLOCK_E)
+    o0, o1 = _zero_parts(BLOCK_M, BLOCK_D, BLOCK_E)
+    o0, o1 = _acc_parts(o0, o1, p0, v00, v01, BLOCK_E, NATIVE)  # (BLOCK_M, BLOCK_D|E)
     if BLOCK_T > 0:
         p1 = tl.exp(s1 - m[:, None])
         l += tl.sum(p1, axis=1)
-        o0 += _dot(p1, v10, NATIVE)
-        if BLOCK_E > 0:
-            o1 += _dot(p1, v11, NATIVE)
-    _store_forward(out_ptr, lse_ptr, o0, o1, l, m, rows, row_ok, n, h, pid_nh, seq, width, head_dim,
-                   BLOCK_D, BLOCK_E)
+        o0, o1 = _acc_parts(o0, o1, p1, v10, v11, BLOCK_E, NATIVE)
+    _store_forward(out_ptr + offs, lse_ptr + stats, o0, o1, l, m, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
 
 
 @triton.jit
-def _attention_fwd_loop_kernel(
-    qkv_ptr,  # (N, S, 3*H*Dh), unit stride in the last dim
-    out_ptr,  # (N, S, H*Dh) contiguous
-    lse_ptr,  # (N, H, S) fp32
-    seq,  # S
-    num_heads,  # H
-    head_dim,  # Dh
-    stride_n,  # qkv.stride(0)
-    stride_s,  # qkv.stride(1)
-    scale,  # Dh ** -0.5
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # keys per step of the loop
-    BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    NATIVE: tl.constexpr,
-):
-    scale = tl.cast(scale, tl.float32)  # torch.compile's inductor passes a Python float as fp64
-    # The forward with the keys walked BLOCK_N at a time and an online softmax (running max m, sum l; the
-    # output rescaled by exp(m_old - m_new) per step): smaller tiles than the whole-K/V kernel, keys padded
-    # only to a multiple of BLOCK_N (S 197 -> 208 at 16), one rescale of (BLOCK_M, Dh) per step.
+def _attention_fwd_loop_kernel(qkv_ptr, out_ptr, lse_ptr, seq, num_heads, head_dim, stride_n, stride_s, scale,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                               BLOCK_E: tl.constexpr, NATIVE: tl.constexpr):
+    """The forward with the keys walked BLOCK_N at a time and an online softmax (running max m, sum l; the
+    output rescaled by exp(m_old - m_new) per step): smaller tiles than the whole-K/V kernel, keys padded
+    only to a multiple of BLOCK_N (S 197 -> 208 at 16), one rescale of (BLOCK_M, Dh) per step."""
+    scale = tl.cast(scale, tl.float32)
     pid_m, pid_nh = _block_and_head(seq, BLOCK_M)
-    n = (pid_nh // num_heads).to(tl.int64)
-    h = pid_nh % num_heads
-    width = num_heads * head_dim  # H*Dh
-    q_ptr = qkv_ptr + n * stride_n + h * head_dim
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
-    row_ok = rows < seq
+    width, q_ptr, offs, _, stats = _qkv_head(qkv_ptr, pid_nh, seq, num_heads, head_dim, stride_n)
+    rows, row_ok = _rows(pid_m * BLOCK_M, seq, BLOCK_M)  # query positions
     q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    o0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    o1 = o0  # unused when BLOCK_E = 0
-    if BLOCK_E > 0:
-        o1 = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    o0, o1 = _zero_parts(BLOCK_M, BLOCK_D, BLOCK_E)
     for start in range(0, seq, BLOCK_N):  # the first step has a valid key, so m is finite from then on
-        keys = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        key_ok = keys < seq
-        k0, k1 = _load_parts(q_ptr + width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
-        v0, v1 = _load_parts(q_ptr + 2 * width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
-        s = _scores(q0, q1, k0, k1, BLOCK_E, NATIVE) * scale  # (BLOCK_M, BLOCK_N)
-        s = tl.where(key_ok[None, :], s, float("-inf"))
+        keys, key_ok, k0, k1, v0, v1 = _load_rows(q_ptr + width, q_ptr + 2 * width, start, seq, stride_s,
+                                                  stride_s, head_dim, BLOCK_N, BLOCK_D, BLOCK_E)
+        s = _masked_scores(q0, q1, k0, k1, key_ok, scale, BLOCK_E, NATIVE)  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m, tl.max(s, axis=1))  # (BLOCK_M,)
         alpha = tl.exp(m - m_new)  # 0 at the first step
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        o0 = o0 * alpha[:, None] + _dot(p, v0, NATIVE)  # (BLOCK_M, BLOCK_D)
+        o0 = o0 * alpha[:, None]
         if BLOCK_E > 0:
-            o1 = o1 * alpha[:, None] + _dot(p, v1, NATIVE)  # (BLOCK_M, BLOCK_E)
+            o1 = o1 * alpha[:, None]
+        o0, o1 = _acc_parts(o0, o1, p, v0, v1, BLOCK_E, NATIVE)
         m = m_new
-    _store_forward(out_ptr, lse_ptr, o0, o1, l, m, rows, row_ok, n, h, pid_nh, seq, width, head_dim,
-                   BLOCK_D, BLOCK_E)
+    _store_forward(out_ptr + offs, lse_ptr + stats, o0, o1, l, m, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
 
 
 @triton.jit
-def _attention_bwd_kernel(
-    qkv_ptr,  # (N, S, 3*H*Dh), unit stride in the last dim
-    dout_ptr,  # (N, S, H*Dh) contiguous
-    lse_ptr,  # (N, H, S) fp32
-    dqkv_ptr,  # (N, S, 3*H*Dh) contiguous
-    seq,  # S
-    num_heads,  # H
-    head_dim,  # Dh
-    stride_n,  # qkv.stride(0)
-    stride_s,  # qkv.stride(1)
-    scale,  # Dh ** -0.5
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    NATIVE: tl.constexpr,
-):
-    scale = tl.cast(scale, tl.float32)  # torch.compile's inductor passes a Python float as fp64
+def _attention_bwd_kernel(qkv_ptr, dout_ptr, lse_ptr, dqkv_ptr, seq, num_heads, head_dim, stride_n, stride_s,
+                          scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, NATIVE: tl.constexpr):
+    """The fused backward, one program a head: K, V, dK, dV held, the queries walked BLOCK_M at a time."""
+    scale = tl.cast(scale, tl.float32)
     # Tiles are named by (key part, head-dim part): k01 = main keys x extra dims. Tail-key tiles (k1*, v1*,
-    # dk1*, dv1*) exist only when BLOCK_T > 0 and extra-dim accumulators (d*01, d*11) only when BLOCK_E > 0;
-    # the extra-dim input tiles (k01, q1, ...) alias part 0 when BLOCK_E = 0 and are then unused.
-    pid_nh = tl.program_id(0)
-    n = (pid_nh // num_heads).to(tl.int64)
-    h = pid_nh % num_heads
-    width = num_heads * head_dim  # H*Dh
-    q_ptr = qkv_ptr + n * stride_n + h * head_dim
-    k_ptr = q_ptr + width
-    v_ptr = q_ptr + 2 * width
-    do_ptr = dout_ptr + n * seq * width + h * head_dim
-    dq_ptr = dqkv_ptr + n * seq * 3 * width + h * head_dim
-    stats = lse_ptr + pid_nh.to(tl.int64) * seq
-    keys0 = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    key0_ok = keys0 < seq
-    k00, k01 = _load_parts(k_ptr, keys0, key0_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
-    v00, v01 = _load_parts(v_ptr, keys0, key0_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
-    dk00 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv00 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    if BLOCK_E > 0:
-        dk01 = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
-        dv01 = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    # dk1*, dv1*) exist only when BLOCK_T > 0; the extra-dim tiles (k01, q1, dk01, ...) alias part 0 when
+    # BLOCK_E = 0 and are then unused.
+    width, q_ptr, offs, dqkv_offs, stats = _qkv_head(qkv_ptr, tl.program_id(0), seq, num_heads, head_dim, stride_n)
+    do_ptr = dout_ptr + offs
+    dq_ptr = dqkv_ptr + dqkv_offs
+    keys0, key0_ok, k00, k01, v00, v01 = _load_rows(q_ptr + width, q_ptr + 2 * width, 0, seq, stride_s, stride_s,
+                                                    head_dim, BLOCK_N, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
+    dk00, dk01 = _zero_parts(BLOCK_N, BLOCK_D, BLOCK_E)
+    dv00, dv01 = _zero_parts(BLOCK_N, BLOCK_D, BLOCK_E)
     if BLOCK_T > 0:
-        keys1 = BLOCK_N + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
-        key1_ok = keys1 < seq
-        k10, k11 = _load_parts(k_ptr, keys1, key1_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_T, BLOCK_D|E)
-        v10, v11 = _load_parts(v_ptr, keys1, key1_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
-        dk10 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        dv10 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        if BLOCK_E > 0:
-            dk11 = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-            dv11 = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        keys1, key1_ok, k10, k11, v10, v11 = _load_rows(q_ptr + width, q_ptr + 2 * width, BLOCK_N, seq, stride_s,
+                                                        stride_s, head_dim, BLOCK_T, BLOCK_D, BLOCK_E)
+        dk10, dk11 = _zero_parts(BLOCK_T, BLOCK_D, BLOCK_E)
+        dv10, dv11 = _zero_parts(BLOCK_T, BLOCK_D, BLOCK_E)
     for start in range(0, seq, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
-        row_ok = rows < seq
-        q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
-        do0, do1 = _load_parts(do_ptr, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
-        lse = tl.load(stats + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
-        s0 = _scores(q0, q1, k00, k01, BLOCK_E, NATIVE) * scale  # (BLOCK_M, BLOCK_N)
-        p0 = tl.where(row_ok[:, None] & key0_ok[None, :], tl.exp(s0 - lse[:, None]), 0.0)
-        dp0 = _scores(do0, do1, v00, v01, BLOCK_E, NATIVE)
+        rows, row_ok, q0, q1, do0, do1 = _load_rows(q_ptr, do_ptr, start, seq, stride_s, width, head_dim, BLOCK_M,
+                                                    BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
+        lse = tl.load(lse_ptr + stats + rows, mask=row_ok, other=0.0)[:, None]  # (BLOCK_M, 1)
+        p0 = _probs(q0, q1, k00, k01, lse, row_ok[:, None] & key0_ok[None, :], scale, BLOCK_E, NATIVE)
+        dp0 = _scores(do0, do1, v00, v01, BLOCK_E, NATIVE)  # (BLOCK_M, BLOCK_N)
         delta = tl.sum(p0 * dp0, axis=1)  # (BLOCK_M,) = rowsum(dO * O): the whole row is here
         if BLOCK_T > 0:
-            s1 = _scores(q0, q1, k10, k11, BLOCK_E, NATIVE) * scale  # (BLOCK_M, BLOCK_T)
-            p1 = tl.where(row_ok[:, None] & key1_ok[None, :], tl.exp(s1 - lse[:, None]), 0.0)
-            dp1 = _scores(do0, do1, v10, v11, BLOCK_E, NATIVE)
+            p1 = _probs(q0, q1, k10, k11, lse, row_ok[:, None] & key1_ok[None, :], scale, BLOCK_E, NATIVE)
+            dp1 = _scores(do0, do1, v10, v11, BLOCK_E, NATIVE)  # (BLOCK_M, BLOCK_T)
             delta += tl.sum(p1 * dp1, axis=1)
         ds0 = p0 * (dp0 - delta[:, None])  # (BLOCK_M, BLOCK_N)
-        dv00 += _dot(tl.trans(p0), do0, NATIVE)  # (BLOCK_N, BLOCK_D)
-        dk00 += _dot(tl.trans(ds0), q0, NATIVE)
-        dq0 = _dot(ds0, k00, NATIVE)  # (BLOCK_M, BLOCK_D)
-        if BLOCK_E > 0:
-            dv01 += _dot(tl.trans(p0), do1, NATIVE)  # (BLOCK_N, BLOCK_E)
-            dk01 += _dot(tl.trans(ds0), q1, NATIVE)
-            dq1 = _dot(ds0, k01, NATIVE)  # (BLOCK_M, BLOCK_E)
+        dv00, dv01 = _acc_parts(dv00, dv01, tl.trans(p0), do0, do1, BLOCK_E, NATIVE)  # (BLOCK_N, BLOCK_D|E)
+        dk00, dk01 = _acc_parts(dk00, dk01, tl.trans(ds0), q0, q1, BLOCK_E, NATIVE)
+        dq0, dq1 = _zero_parts(BLOCK_M, BLOCK_D, BLOCK_E)
+        dq0, dq1 = _acc_parts(dq0, dq1, ds0, k00, k01, BLOCK_E, NATIVE)  # (BLOCK_M, BLOCK_D|E)
         if BLOCK_T > 0:
             ds1 = p1 * (dp1 - delta[:, None])  # (BLOCK_M, BLOCK_T)
-            dv10 += _dot(tl.trans(p1), do0, NATIVE)  # (BLOCK_T, BLOCK_D)
-            dk10 += _dot(tl.trans(ds1), q0, NATIVE)
-            dq0 += _dot(ds1, k10, NATIVE)
-            if BLOCK_E > 0:
-                dv11 += _dot(tl.trans(p1), do1, NATIVE)  # (BLOCK_T, BLOCK_E)
-                dk11 += _dot(tl.trans(ds1), q1, NATIVE)
-                dq1 += _dot(ds1, k11, NATIVE)
-        _store(dq_ptr, dq0 * scale, rows, row_ok, 3 * width, 0, head_dim, BLOCK_D)
-        if BLOCK_E > 0:
-            _store(dq_ptr, dq1 * scale, rows, row_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
-    dk_ptr = dq_ptr + width
-    dv_ptr = dq_ptr + 2 * width
-    _store(dk_ptr, dk00 * scale, keys0, key0_ok, 3 * width, 0, head_dim, BLOCK_D)
-    _store(dv_ptr, dv00, keys0, key0_ok, 3 * width, 0, head_dim, BLOCK_D)
-    if BLOCK_E > 0:
-        _store(dk_ptr, dk01 * scale, keys0, key0_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
-        _store(dv_ptr, dv01, keys0, key0_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
+            dv10, dv11 = _acc_parts(dv10, dv11, tl.trans(p1), do0, do1, BLOCK_E, NATIVE)  # (BLOCK_T, BLOCK_D|E)
+            dk10, dk11 = _acc_parts(dk10, dk11, tl.trans(ds1), q0, q1, BLOCK_E, NATIVE)
+            dq0, dq1 = _acc_parts(dq0, dq1, ds1, k10, k11, BLOCK_E, NATIVE)
+        _store_parts(dq_ptr, dq0 * scale, dq1 * scale, rows, row_ok, 3 * width, head_dim, BLOCK_D, BLOCK_E)
+    _store_dkdv(dq_ptr, width, dk00, dk01, dv00, dv01, scale, keys0, key0_ok, head_dim, BLOCK_D, BLOCK_E)
     if BLOCK_T > 0:
-        _store(dk_ptr, dk10 * scale, keys1, key1_ok, 3 * width, 0, head_dim, BLOCK_D)
-        _store(dv_ptr, dv10, keys1, key1_ok, 3 * width, 0, head_dim, BLOCK_D)
-        if BLOCK_E > 0:
-            _store(dk_ptr, dk11 * scale, keys1, key1_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
-            _store(dv_ptr, dv11, keys1, key1_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
+        _store_dkdv(dq_ptr, width, dk10, dk11, dv10, dv11, scale, keys1, key1_ok, head_dim, BLOCK_D, BLOCK_E)
 
 
 @triton.jit
-def _attention_bwd_delta_kernel(
-    out_ptr,  # (N, S, H*Dh) contiguous
-    dout_ptr,  # (N, S, H*Dh) contiguous
-    delta_ptr,  # (N, H, S) fp32: rowsum(dO * O)
-    seq,  # S
-    num_heads,  # H
-    head_dim,  # Dh
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-):
+def _attention_bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, seq, num_heads, head_dim,
+                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The split backward's preprocess: ``delta = rowsum(dO * O)`` of BLOCK_M rows."""
     pid_m, pid_nh = _block_and_head(seq, BLOCK_M)
-    n = (pid_nh // num_heads).to(tl.int64)
-    h = pid_nh % num_heads
-    width = num_heads * head_dim
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    row_ok = rows < seq
-    offs = n * seq * width + h * head_dim
+    rows, row_ok = _rows(pid_m * BLOCK_M, seq, BLOCK_M)
+    _, _, width, offs = _head(pid_nh, seq, num_heads, head_dim)
     o0, o1 = _load_parts(out_ptr + offs, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
     do0, do1 = _load_parts(dout_ptr + offs, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
     delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), axis=1)  # (BLOCK_M,)
@@ -382,242 +356,78 @@ def _attention_bwd_delta_kernel(
 
 
 @triton.jit
-def _attention_bwd_dkdv_kernel(
-    qkv_ptr,  # (N, S, 3*H*Dh), unit stride in the last dim
-    dout_ptr,  # (N, S, H*Dh) contiguous
-    lse_ptr,  # (N, H, S) fp32
-    delta_ptr,  # (N, H, S) fp32
-    dqkv_ptr,  # (N, S, 3*H*Dh) contiguous: this kernel writes the k and v thirds
-    seq,  # S
-    num_heads,  # H
-    head_dim,  # Dh
-    stride_n,  # qkv.stride(0)
-    stride_s,  # qkv.stride(1)
-    scale,  # Dh ** -0.5
-    BLOCK_N: tl.constexpr,  # keys this program owns
-    BLOCK_M: tl.constexpr,  # queries per step of its loop
-    BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    NATIVE: tl.constexpr,
-):
-    scale = tl.cast(scale, tl.float32)  # torch.compile's inductor passes a Python float as fp64
+def _attention_bwd_dkdv_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, seq, num_heads, head_dim, stride_n,
+                               stride_s, scale, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                               BLOCK_E: tl.constexpr, NATIVE: tl.constexpr):
+    """The split backward's dK/dV: a program owns BLOCK_N keys and walks the queries BLOCK_M at a time, in the
+    transposed orientation (keys x queries)."""
+    scale = tl.cast(scale, tl.float32)
     pid_k, pid_nh = _block_and_head(seq, BLOCK_N)
-    n = (pid_nh // num_heads).to(tl.int64)
-    h = pid_nh % num_heads
-    width = num_heads * head_dim
-    q_ptr = qkv_ptr + n * stride_n + h * head_dim
-    do_ptr = dout_ptr + n * seq * width + h * head_dim
-    stats = pid_nh.to(tl.int64) * seq
-    keys = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) this program's keys
-    key_ok = keys < seq
-    k0, k1 = _load_parts(q_ptr + width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
-    v0, v1 = _load_parts(q_ptr + 2 * width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
-    dk0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    if BLOCK_E > 0:
-        dk1 = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
-        dv1 = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    width, q_ptr, offs, dqkv_offs, stats = _qkv_head(qkv_ptr, pid_nh, seq, num_heads, head_dim, stride_n)
+    do_ptr = dout_ptr + offs
+    keys, key_ok, k0, k1, v0, v1 = _load_rows(q_ptr + width, q_ptr + 2 * width, pid_k * BLOCK_N, seq, stride_s,
+                                              stride_s, head_dim, BLOCK_N, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
+    dk0, dk1 = _zero_parts(BLOCK_N, BLOCK_D, BLOCK_E)
+    dv0, dv1 = _zero_parts(BLOCK_N, BLOCK_D, BLOCK_E)
     for start in range(0, seq, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query positions
-        row_ok = rows < seq
-        q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
-        do0, do1 = _load_parts(do_ptr, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
+        rows, row_ok, q0, q1, do0, do1 = _load_rows(q_ptr, do_ptr, start, seq, stride_s, width, head_dim, BLOCK_M,
+                                                    BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
         lse = tl.load(lse_ptr + stats + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
+        pt = _probs(k0, k1, q0, q1, lse[None, :], key_ok[:, None] & row_ok[None, :], scale, BLOCK_E, NATIVE)
         delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
-        st = _scores(k0, k1, q0, q1, BLOCK_E, NATIVE) * scale  # (BLOCK_N keys, BLOCK_M queries)
-        pt = tl.where(key_ok[:, None] & row_ok[None, :], tl.exp(st - lse[None, :]), 0.0)
-        dpt = _scores(v0, v1, do0, do1, BLOCK_E, NATIVE)  # (BLOCK_N keys, BLOCK_M queries)
-        dst = pt * (dpt - delta[None, :])
-        dv0 += _dot(pt, do0, NATIVE)  # (BLOCK_N, BLOCK_D)
-        dk0 += _dot(dst, q0, NATIVE)
-        if BLOCK_E > 0:
-            dv1 += _dot(pt, do1, NATIVE)  # (BLOCK_N, BLOCK_E)
-            dk1 += _dot(dst, q1, NATIVE)
-    dk_ptr = dqkv_ptr + n * seq * 3 * width + width + h * head_dim
-    dv_ptr = dk_ptr + width
-    _store(dk_ptr, dk0 * scale, keys, key_ok, 3 * width, 0, head_dim, BLOCK_D)
-    _store(dv_ptr, dv0, keys, key_ok, 3 * width, 0, head_dim, BLOCK_D)
-    if BLOCK_E > 0:
-        _store(dk_ptr, dk1 * scale, keys, key_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
-        _store(dv_ptr, dv1, keys, key_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
+        dst = pt * (_scores(v0, v1, do0, do1, BLOCK_E, NATIVE) - delta[None, :])  # (BLOCK_N keys, BLOCK_M queries)
+        dv0, dv1 = _acc_parts(dv0, dv1, pt, do0, do1, BLOCK_E, NATIVE)  # (BLOCK_N, BLOCK_D|E)
+        dk0, dk1 = _acc_parts(dk0, dk1, dst, q0, q1, BLOCK_E, NATIVE)
+    _store_dkdv(dqkv_ptr + dqkv_offs, width, dk0, dk1, dv0, dv1, scale, keys, key_ok, head_dim, BLOCK_D, BLOCK_E)
 
 
 @triton.jit
-def _attention_bwd_dq_kernel(
-    qkv_ptr,  # (N, S, 3*H*Dh), unit stride in the last dim
-    dout_ptr,  # (N, S, H*Dh) contiguous
-    lse_ptr,  # (N, H, S) fp32
-    delta_ptr,  # (N, H, S) fp32
-    dqkv_ptr,  # (N, S, 3*H*Dh) contiguous: this kernel writes the q third
-    seq,  # S
-    num_heads,  # H
-    head_dim,  # Dh
-    stride_n,  # qkv.stride(0)
-    stride_s,  # qkv.stride(1)
-    scale,  # Dh ** -0.5
-    BLOCK_M: tl.constexpr,  # queries this program owns
-    BLOCK_N: tl.constexpr,  # keys per step of its loop
-    BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    NATIVE: tl.constexpr,
-):
-    scale = tl.cast(scale, tl.float32)  # torch.compile's inductor passes a Python float as fp64
+def _attention_bwd_dq_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, seq, num_heads, head_dim, stride_n,
+                             stride_s, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_E: tl.constexpr, NATIVE: tl.constexpr):
+    """The split backward's dQ: a program owns BLOCK_M queries and walks the keys BLOCK_N at a time."""
+    scale = tl.cast(scale, tl.float32)
     pid_m, pid_nh = _block_and_head(seq, BLOCK_M)
-    n = (pid_nh // num_heads).to(tl.int64)
-    h = pid_nh % num_heads
-    width = num_heads * head_dim
-    q_ptr = qkv_ptr + n * stride_n + h * head_dim
-    do_ptr = dout_ptr + n * seq * width + h * head_dim
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) this program's queries
-    row_ok = rows < seq
-    q0, q1 = _load_parts(q_ptr, rows, row_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
-    do0, do1 = _load_parts(do_ptr, rows, row_ok, width, head_dim, BLOCK_D, BLOCK_E)
-    dq0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if BLOCK_E > 0:
-        dq1 = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    stats = pid_nh.to(tl.int64) * seq
-    lse = tl.load(lse_ptr + stats + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
-    delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)
+    width, q_ptr, offs, dqkv_offs, stats = _qkv_head(qkv_ptr, pid_nh, seq, num_heads, head_dim, stride_n)
+    do_ptr = dout_ptr + offs
+    rows, row_ok, q0, q1, do0, do1 = _load_rows(q_ptr, do_ptr, pid_m * BLOCK_M, seq, stride_s, width, head_dim,
+                                                BLOCK_M, BLOCK_D, BLOCK_E)  # (BLOCK_M, BLOCK_D|E)
+    lse = tl.load(lse_ptr + stats + rows, mask=row_ok, other=0.0)[:, None]  # (BLOCK_M, 1)
+    delta = tl.load(delta_ptr + stats + rows, mask=row_ok, other=0.0)[:, None]
+    dq0, dq1 = _zero_parts(BLOCK_M, BLOCK_D, BLOCK_E)
     for start in range(0, seq, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
-        key_ok = keys < seq
-        k0, k1 = _load_parts(q_ptr + width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
-        v0, v1 = _load_parts(q_ptr + 2 * width, keys, key_ok, stride_s, head_dim, BLOCK_D, BLOCK_E)
-        s = _scores(q0, q1, k0, k1, BLOCK_E, NATIVE) * scale  # (BLOCK_M queries, BLOCK_N keys)
-        p = tl.where(row_ok[:, None] & key_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dp = _scores(do0, do1, v0, v1, BLOCK_E, NATIVE)
-        ds = p * (dp - delta[:, None])
-        dq0 += _dot(ds, k0, NATIVE)
-        if BLOCK_E > 0:
-            dq1 += _dot(ds, k1, NATIVE)
-    dq_ptr = dqkv_ptr + n * seq * 3 * width + h * head_dim
-    _store(dq_ptr, dq0 * scale, rows, row_ok, 3 * width, 0, head_dim, BLOCK_D)
-    if BLOCK_E > 0:
-        _store(dq_ptr, dq1 * scale, rows, row_ok, 3 * width, BLOCK_D, head_dim, BLOCK_E)
-
-
-def two_parts(size: int) -> tuple[int, int]:
-    """``(main, extra)`` powers of two (at least 16; extra 0 = none) with ``main + extra >= size``: the
-    largest power of two not above ``size`` plus the smallest one covering the rest, or one tile
-    ``next_pow2(size)`` where two parts would not be smaller. 65 -> (64, 16), 80 -> (64, 16),
-    257 -> (256, 16), 50 -> (64, 0), 197 -> (256, 0)."""
-    whole = max(16, triton.next_power_of_2(size))
-    main = max(16, whole // 2 if whole > size else whole)
-    rest = size - main
-    if rest <= 0:
-        return whole, 0
-    extra = max(16, triton.next_power_of_2(rest))
-    return (main, extra) if main + extra < whole else (whole, 0)
-
-
-@dataclass(frozen=True)
-class AttentionPlan:
-    """How the kernels tile one ``(S, Dh)``: the key and head-dim parts (each ``(main, extra)``, extra 0 =
-    none), the forward's query rows and warps, and the backward's form with its blocks and warps."""
-
-    key_parts: tuple[int, int]
-    dim_parts: tuple[int, int]
-    fwd_block_m: int
-    fwd_warps: int
-    fwd_loop: int  # 0: the whole K/V in the forward's tiles (key_parts); else keys walked this many at a time
-    bwd_fused: bool
-    bwd_block_m: int  # fused: queries per step of the loop
-    bwd_warps: int  # fused
-    dkdv_block: int  # split: keys per dK/dV program
-    dkdv_step: int  # split: queries per step of the dK/dV loop
-    dkdv_warps: int
-    dq_block: int  # split: queries per dQ program
-    dq_step: int  # split: keys per step of the dQ loop
-    dq_warps: int
-
-    def check(self, seq: int, head_dim: int) -> None:
-        """ValueError unless the parts cover ``seq`` and ``head_dim`` and every block is a power of two >= 16."""
-        if sum(self.key_parts) < seq or sum(self.dim_parts) < head_dim:
-            raise ValueError(f"plan's key parts {self.key_parts} / head-dim parts {self.dim_parts} do not cover "
-                             f"S = {seq}, Dh = {head_dim}")
-        blocks = [*self.key_parts, *self.dim_parts, self.fwd_block_m, self.fwd_loop, self.bwd_block_m,
-                  self.dkdv_block, self.dkdv_step, self.dq_block, self.dq_step]
-        if any(b and (b < 16 or b & (b - 1)) for b in blocks) or not self.key_parts[0] or not self.dim_parts[0]:
-            raise ValueError(f"plan blocks must be powers of two >= 16 (extra parts may be 0), got {self}")
-
-
-@cache  # called twice per forward+backward; building the plan took 9.5 us of host time on a 2-core CPU
-def default_plan(seq: int, head_dim: int) -> AttentionPlan:
-    """The plan the ops use: tiles from :func:`two_parts`, and the launches ``bench/tune_attention.py`` measured
-    fastest at MAE's (S, Dh) on an H200 (bf16, batch 256; bench/results/nvidia-h200-attention-tuning.csv):
-    at (50, 64), (65, 80), (197, 32) and (257, 32) this is the sweep's tuned plan.
-
-    Forward: keys walked 32 at a time (online softmax) where the head dim is one tile or K exceeds 128 x 64
-    (keys x head dim), with 128 query rows where the keys are one tile of 256 or more at head dims up to 64,
-    else 64; the whole-K/V forward for a head dim in two parts over a smaller K (ViT-H's S 65, Dh 80 = 64 + 16).
-    Backward: fused where K, V, dK and dV fit a program (``keys * head dim <= FUSED_BWD_MAX_TILE``, head dim in
-    one part: the ViT-B/L encoder), else split with dK/dV over 64 keys stepping 16 queries and dQ over 64
-    queries stepping 32 keys (16 past a head dim of 64), 4 warps each; 32-row blocks and 8 warps at head dims
-    above 80. Only MAE's shapes are measured; elsewhere the rule keeps sm_80 and sm_90 free of spills (Triton 3.8,
-    checked for S in {17, 100, 320, 512} x Dh in {16, 48, 96, 128}); at MAE's shapes none with Triton 3.8 or 3.6
-    (``python -m fastmae.kernels.aot``)."""
-    key_parts, dim_parts = two_parts(seq), two_parts(head_dim)
-    keys, depth = sum(key_parts), sum(dim_parts)
-    one_dim_tile = dim_parts[1] == 0
-    wide = depth > 80
-    return AttentionPlan(
-        key_parts=key_parts, dim_parts=dim_parts,
-        fwd_block_m=128 if one_dim_tile and depth <= 64 and key_parts[1] == 0 and keys >= 256 else 64,
-        fwd_warps=4,
-        fwd_loop=32 if one_dim_tile or keys * depth > 128 * 64 else 0,
-        bwd_fused=keys * depth <= FUSED_BWD_MAX_TILE and one_dim_tile,
-        bwd_block_m=32, bwd_warps=4,
-        dkdv_block=32 if wide else 64, dkdv_step=16, dkdv_warps=8 if wide else 4,
-        dq_block=32 if wide else 64, dq_step=16 if depth > 64 else 32, dq_warps=8 if wide else 4,
-    )
-
-
-def _split_blocks() -> list[tuple[int, int, int]]:
-    """(block owned, step of the loop, warps) of the split backward's launches that the sweep tries."""
-    return [(b, t, w) for b in (16, 32, 64) for t in (16, 32, 64) for w in (4, 8)]
-
-
-def tuning_plans(seq: int, head_dim: int) -> dict[str, list[AttentionPlan]]:
-    """The alternatives to :func:`default_plan` that ``bench/tune_attention.py`` times, by the launch they
-    vary: "forward" (query rows, warps, keys in two parts or one tile or walked 16/32/64 at a time with an
-    online softmax), "fused backward" (query rows, warps, keys in two parts or one tile; the
-    backward fused), "dkdv" and "dq" (block, step, warps; the backward split). Each is the default plan with
-    those fields replaced, so a "dkdv" plan also takes the split form where the default is fused."""
-    base = default_plan(seq, head_dim)
-    key_choices = sorted({base.key_parts, (max(16, triton.next_power_of_2(seq)), 0)})
-    split = replace(base, bwd_fused=False)
-    return {
-        "forward": [*(replace(base, key_parts=keys, fwd_block_m=m, fwd_warps=w, fwd_loop=0)
-                      for keys in key_choices for m in (16, 32, 64, 128) for w in (4, 8)),
-                    *(replace(base, fwd_loop=b, fwd_block_m=m, fwd_warps=w)
-                      for b in (16, 32, 64) for m in (32, 64, 128) for w in (4, 8))],
-        "fused backward": [replace(base, key_parts=keys, bwd_fused=True, bwd_block_m=m, bwd_warps=w)
-                           for keys in key_choices for m in (16, 32) for w in (4, 8)],
-        "dkdv": [replace(split, dkdv_block=b, dkdv_step=t, dkdv_warps=w) for b, t, w in _split_blocks()],
-        "dq": [replace(split, dq_block=b, dq_step=t, dq_warps=w) for b, t, w in _split_blocks()],
-    }
+        keys, key_ok, k0, k1, v0, v1 = _load_rows(q_ptr + width, q_ptr + 2 * width, start, seq, stride_s,
+                                                  stride_s, head_dim, BLOCK_N, BLOCK_D, BLOCK_E)  # (BLOCK_N, BLOCK_D|E)
+        p = _probs(q0, q1, k0, k1, lse, row_ok[:, None] & key_ok[None, :], scale, BLOCK_E, NATIVE)
+        ds = p * (_scores(do0, do1, v0, v1, BLOCK_E, NATIVE) - delta)  # (BLOCK_M queries, BLOCK_N keys)
+        dq0, dq1 = _acc_parts(dq0, dq1, ds, k0, k1, BLOCK_E, NATIVE)
+    _store_parts(dqkv_ptr + dqkv_offs, dq0 * scale, dq1 * scale, rows, row_ok, 3 * width, head_dim, BLOCK_D, BLOCK_E)
 
 
 def _native(qkv: torch.Tensor) -> bool:
     return qkv.dtype != torch.float32 and not interpreter_on()
 
 
-def attention_forward(qkv: torch.Tensor, num_heads: int, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the forward: ``qkv (N, S, 3*H*Dh)`` with unit last stride -> ``(out (N, S, H*Dh)`` in qkv's
-    dtype, ``lse (N, H, S)`` fp32)."""
+def attention(qkv: torch.Tensor, num_heads: int,
+              plan: AttentionPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fastmae::attention``: ``qkv (N, S, 3*H*Dh)`` -> ``(out (N, S, H*Dh)`` in qkv's dtype, ``lse (N, H, S)``
+    fp32), tiled by ``plan`` (default: :func:`default_plan`)."""
+    if qkv.stride(-1) != 1:  # the Linear's output always has it; anything else is copied once
+        qkv = qkv.contiguous()
     n, seq, packed = qkv.shape
     head_dim = packed // (3 * num_heads)
+    plan = plan or default_plan(seq, head_dim)
     plan.check(seq, head_dim)
     out = torch.empty((n, seq, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)  # (N, S, H*Dh)
     lse = torch.empty((n, num_heads, seq), dtype=torch.float32, device=qkv.device)  # (N, H, S)
     (block_n, block_t), (block_d, block_e) = plan.key_parts, plan.dim_parts
     if n * seq > 0 and plan.fwd_loop:
-        wrap_triton(_attention_fwd_loop_kernel)[(triton.cdiv(seq, plan.fwd_block_m) * n * num_heads,)](
+        _attention_fwd_loop_kernel[(triton.cdiv(seq, plan.fwd_block_m) * n * num_heads,)](
             qkv, out, lse, seq, num_heads, head_dim, qkv.stride(0), qkv.stride(1), head_dim**-0.5,
             BLOCK_M=plan.fwd_block_m, BLOCK_N=plan.fwd_loop, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=_native(qkv),
             num_warps=plan.fwd_warps)
     elif n * seq > 0:
-        wrap_triton(_attention_fwd_kernel)[(triton.cdiv(seq, plan.fwd_block_m) * n * num_heads,)](
+        _attention_fwd_kernel[(triton.cdiv(seq, plan.fwd_block_m) * n * num_heads,)](
             qkv, out, lse, seq, num_heads, head_dim, qkv.stride(0), qkv.stride(1), head_dim**-0.5,
             BLOCK_M=plan.fwd_block_m, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e,
             NATIVE=_native(qkv), num_warps=plan.fwd_warps)
@@ -625,12 +435,16 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, plan: AttentionPlan) ->
 
 
 def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                       num_heads: int, plan: AttentionPlan) -> torch.Tensor:
-    """Launches the backward: contiguous ``grad_out (N, S, H*Dh)``, ``qkv (N, S, 3*H*Dh)`` (unit last stride),
-    contiguous ``out (N, S, H*Dh)`` (read by the split form only), ``lse (N, H, S)`` fp32 ->
-    ``d(qkv) (N, S, 3*H*Dh)`` in qkv's dtype."""
+                       num_heads: int, plan: AttentionPlan | None = None) -> torch.Tensor:
+    """``fastmae::attention_backward``: ``grad_out (N, S, H*Dh)``, ``qkv (N, S, 3*H*Dh)``, ``out (N, S, H*Dh)``
+    (read by the split form only), ``lse (N, H, S)`` fp32 -> ``d(qkv) (N, S, 3*H*Dh)`` in qkv's dtype, tiled by
+    ``plan`` (default: :func:`default_plan`)."""
+    grad_out, out = grad_out.contiguous(), out.contiguous()
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
     n, seq, packed = qkv.shape
     head_dim = packed // (3 * num_heads)
+    plan = plan or default_plan(seq, head_dim)
     plan.check(seq, head_dim)
     dqkv = torch.empty((n, seq, packed), dtype=qkv.dtype, device=qkv.device)  # (N, S, 3*H*Dh)
     if n * seq == 0:
@@ -641,84 +455,30 @@ def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Ten
     native = _native(qkv)
     strides_scale = (qkv.stride(0), qkv.stride(1), scale)  # stride_n, stride_s, scale
     if plan.bwd_fused:
-        wrap_triton(_attention_bwd_kernel)[(nh,)](
+        _attention_bwd_kernel[(nh,)](
             qkv, grad_out, lse, dqkv, seq, num_heads, head_dim, *strides_scale,
             BLOCK_M=plan.bwd_block_m, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e,
             NATIVE=native, num_warps=plan.bwd_warps, num_stages=1)
         return dqkv
     delta = torch.empty((n, num_heads, seq), dtype=torch.float32, device=qkv.device)  # (N, H, S)
-    wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(seq, DELTA_BLOCK) * nh,)](
+    _attention_bwd_delta_kernel[(triton.cdiv(seq, DELTA_BLOCK) * nh,)](
         out, grad_out, delta, seq, num_heads, head_dim, BLOCK_M=DELTA_BLOCK, BLOCK_D=block_d, BLOCK_E=block_e,
         num_warps=4)
-    wrap_triton(_attention_bwd_dkdv_kernel)[(triton.cdiv(seq, plan.dkdv_block) * nh,)](
+    _attention_bwd_dkdv_kernel[(triton.cdiv(seq, plan.dkdv_block) * nh,)](
         qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, *strides_scale,
         BLOCK_N=plan.dkdv_block, BLOCK_M=plan.dkdv_step, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=native,
         num_warps=plan.dkdv_warps)
-    wrap_triton(_attention_bwd_dq_kernel)[(triton.cdiv(seq, plan.dq_block) * nh,)](
+    _attention_bwd_dq_kernel[(triton.cdiv(seq, plan.dq_block) * nh,)](
         qkv, grad_out, lse, delta, dqkv, seq, num_heads, head_dim, *strides_scale,
         BLOCK_M=plan.dq_block, BLOCK_N=plan.dq_step, BLOCK_D=block_d, BLOCK_E=block_e, NATIVE=native,
         num_warps=plan.dq_warps)
     return dqkv
 
 
-@torch.library.triton_op("fastmae_triton::attention", mutates_args=())
-def attention_op(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``qkv (N, S, 3*H*Dh)`` with unit last stride -> ``(out (N, S, H*Dh)`` in qkv's dtype,
-    ``lse (N, H, S)`` fp32), tiled by :func:`default_plan`."""
-    n, seq, packed = qkv.shape
-    return attention_forward(qkv, num_heads, default_plan(seq, packed // (3 * num_heads)))
-
-
-@torch.library.triton_op("fastmae_triton::attention_backward", mutates_args=())
-def attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          num_heads: int) -> torch.Tensor:
-    """:func:`attention_backward` tiled by :func:`default_plan`: ``d(qkv) (N, S, 3*H*Dh)``."""
-    n, seq, packed = qkv.shape
-    return attention_backward(grad_out, qkv, out, lse, num_heads, default_plan(seq, packed // (3 * num_heads)))
-
-
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
-                   output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    qkv, num_heads = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(qkv, out, lse)
-    ctx.num_heads = num_heads
-
-
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor, _grad_lse: None) -> tuple:
-    qkv, out, lse = ctx.saved_tensors
-    return attention_backward_op(grad_out.contiguous(), qkv, out, lse, ctx.num_heads), None
-
-
-attention_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def attention_triton(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """As :func:`fastmae.ops.attention.attention_reference`: ``qkv (N, S, 3*H*Dh)`` -> ``(N, S, H*Dh)``."""
-    if qkv.stride(-1) != 1:  # the Linear's output always has it; anything else is copied once
-        qkv = qkv.contiguous()
-    return attention_op(qkv, num_heads)[0]
-
-
-_COMMON = {"seq": "i32", "num_heads": "i32", "head_dim": "i32"}
-_STRIDES = {"stride_n": "i32", "stride_s": "i32", "scale": "fp32"}
-_PARTS = {"BLOCK_N": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "BLOCK_E": "constexpr",
-          "NATIVE": "constexpr"}
-_SIG_FWD = {"qkv_ptr": "*{dtype}", "out_ptr": "*{dtype}", "lse_ptr": "*fp32", **_COMMON, **_STRIDES,
-            "BLOCK_M": "constexpr", **_PARTS}
-_SIG_FWD_LOOP = {"qkv_ptr": "*{dtype}", "out_ptr": "*{dtype}", "lse_ptr": "*fp32", **_COMMON, **_STRIDES,
-                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "BLOCK_E": "constexpr",
-                 "NATIVE": "constexpr"}
-_SIG_BWD_FUSED = {"qkv_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "lse_ptr": "*fp32", "dqkv_ptr": "*{dtype}",
-                  **_COMMON, **_STRIDES, "BLOCK_M": "constexpr", **_PARTS}
-_SIG_DELTA = {"out_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "delta_ptr": "*fp32", **_COMMON,
-              "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_E": "constexpr"}
-_SIG_SPLIT = {"qkv_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-              "dqkv_ptr": "*{dtype}", **_COMMON, **_STRIDES}
-_DIMS = {"BLOCK_D": "constexpr", "BLOCK_E": "constexpr", "NATIVE": "constexpr"}
-_SIG_DKDV = {**_SIG_SPLIT, "BLOCK_N": "constexpr", "BLOCK_M": "constexpr", **_DIMS}
-_SIG_DQ = {**_SIG_SPLIT, "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", **_DIMS}
+# argument types besides the derived ones (pointers in the dtype under test, i32 integers): fp32 statistics and scale
+_LSE = {"lse_ptr": "*fp32", "scale": "fp32"}  # the forwards, the fused backward
+_DELTA = {"delta_ptr": "*fp32"}  # the delta preprocess
+_SPLIT = {**_LSE, **_DELTA}  # dK/dV, dQ
 
 
 def aot_kernels(plan: AttentionPlan) -> list[AotKernel]:
@@ -727,27 +487,27 @@ def aot_kernels(plan: AttentionPlan) -> list[AotKernel]:
     parts = {"BLOCK_N": block_n, "BLOCK_T": block_t, "BLOCK_D": block_d, "BLOCK_E": block_e, "NATIVE": True}
     label = f"N{block_n}+{block_t}-D{block_d}+{block_e}"
     if plan.fwd_loop:
-        kernels = [AotKernel(fn=_attention_fwd_loop_kernel, signature=_SIG_FWD_LOOP,
+        kernels = [AotKernel(fn=_attention_fwd_loop_kernel, overrides=_LSE,
                              constexprs={"BLOCK_M": plan.fwd_block_m, "BLOCK_N": plan.fwd_loop, "BLOCK_D": block_d,
                                          "BLOCK_E": block_e, "NATIVE": True},
                              num_warps=plan.fwd_warps, label=f"M{plan.fwd_block_m}-N{plan.fwd_loop}-D{block_d}+{block_e}")]
     else:
-        kernels = [AotKernel(fn=_attention_fwd_kernel, signature=_SIG_FWD,
+        kernels = [AotKernel(fn=_attention_fwd_kernel, overrides=_LSE,
                              constexprs={"BLOCK_M": plan.fwd_block_m, **parts}, num_warps=plan.fwd_warps,
                              label=f"M{plan.fwd_block_m}-{label}")]
     if plan.bwd_fused:
-        return [*kernels, AotKernel(fn=_attention_bwd_kernel, signature=_SIG_BWD_FUSED,
+        return [*kernels, AotKernel(fn=_attention_bwd_kernel, overrides=_LSE,
                                     constexprs={"BLOCK_M": plan.bwd_block_m, **parts}, num_warps=plan.bwd_warps,
                                     num_stages=1, label=f"M{plan.bwd_block_m}-{label}")]
     dims = {"BLOCK_D": block_d, "BLOCK_E": block_e}
     return [
         *kernels,
-        AotKernel(fn=_attention_bwd_delta_kernel, signature=_SIG_DELTA, constexprs={"BLOCK_M": DELTA_BLOCK, **dims},
+        AotKernel(fn=_attention_bwd_delta_kernel, overrides=_DELTA, constexprs={"BLOCK_M": DELTA_BLOCK, **dims},
                   num_warps=4, label=f"D{block_d}+{block_e}"),
-        AotKernel(fn=_attention_bwd_dkdv_kernel, signature=_SIG_DKDV,
+        AotKernel(fn=_attention_bwd_dkdv_kernel, overrides=_SPLIT,
                   constexprs={"BLOCK_N": plan.dkdv_block, "BLOCK_M": plan.dkdv_step, **dims, "NATIVE": True},
                   num_warps=plan.dkdv_warps, label=f"N{plan.dkdv_block}-M{plan.dkdv_step}-D{block_d}+{block_e}"),
-        AotKernel(fn=_attention_bwd_dq_kernel, signature=_SIG_DQ,
+        AotKernel(fn=_attention_bwd_dq_kernel, overrides=_SPLIT,
                   constexprs={"BLOCK_M": plan.dq_block, "BLOCK_N": plan.dq_step, **dims, "NATIVE": True},
                   num_warps=plan.dq_warps, label=f"M{plan.dq_block}-N{plan.dq_step}-D{block_d}+{block_e}"),
     ]

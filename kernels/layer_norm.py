@@ -12,9 +12,10 @@ biased variance in fp32, stores ``out`` and the per-row ``mean`` and ``rstd`` (f
 Backward, grid ``(G,)``: program ``p`` walks its ``rows_per_program`` rows ``BLOCK_R`` at a time,
 recomputes ``xhat = (s - mean) * rstd``, writes ``ds = rstd * (dy - mean(dy) - xhat * mean(dy * xhat))
 [+ grad_sum]`` with ``dy = g * w``, and accumulates ``g * xhat`` and ``g`` in fp32 registers; it stores
-one partial row of each into ``partial (2, G, D)`` fp32. A second kernel, grid ``(cdiv(D, RED_BLOCK_D),)``,
-adds the ``G`` partial rows in a fixed order into ``dweight`` and ``dbias`` (no atomics: bit-identical
-run to run). ``x`` and ``residual`` both receive ``ds`` (cast to their dtypes).
+one partial row of each into ``partial (2, G, D)`` fp32. A second kernel (kernels/_column_sum.py, two
+slabs), grid ``(cdiv(D, RED_BLOCK_D), 2)``, adds the ``G`` partial rows of each in a fixed order into
+``dweight`` and ``dbias`` (no atomics: bit-identical run to run). ``x`` and ``residual`` both receive ``ds``
+(cast to their dtypes).
 
 Bytes moved (``e_x, e_r, e_o, e_w``: element sizes of x, residual, output (= the sum), weight/bias):
   forward  = R*D*(e_x + e_o) [+ R*D*(e_r + e_o) with a residual] + 8*R + 2*D*e_w
@@ -43,7 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._common import interpreter_on, split_rows, wrap_triton
+from fastmae.kernels._column_sum import aot_overrides as column_sum_types
+from fastmae.kernels._column_sum import column_sum, column_sum_kernel
+from fastmae.kernels._common import interpreter_on, split_rows
 from fastmae.kernels.aot import AotKernel
 
 MAX_D = 4096  # whole rows in registers (the backward spills at 8192: 32 values per thread at 16 warps)
@@ -74,7 +77,7 @@ def _layer_norm_fwd_kernel(
     BLOCK_D: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
 ):
-    eps = tl.cast(eps, tl.float32)  # torch.compile's inductor passes a Python float as fp64
+    eps = tl.cast(eps, tl.float32)  # fp32 math even when the float arrives typed fp64
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     row_ok = rows < num_rows
@@ -147,30 +150,6 @@ def _layer_norm_bwd_kernel(
     tl.store(partial_ptr + (num_programs + pid) * dim + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
-@triton.jit
-def _layer_norm_param_grad_kernel(
-    partial_ptr,  # (2, G, D) fp32
-    dw_ptr,  # (D,) weight's dtype
-    db_ptr,  # (D,) bias's dtype
-    num_partials,  # G
-    dim,  # D
-    BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    col_ok = cols < dim
-    dw_acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    for start in range(0, num_partials, BLOCK_P):
-        parts = start + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
-        ok = (parts < num_partials)[:, None] & col_ok[None, :]
-        offs = parts[:, None] * dim + cols[None, :]  # (BLOCK_P, BLOCK_D)
-        dw_acc += tl.load(partial_ptr + offs, mask=ok, other=0.0)
-        db_acc += tl.load(partial_ptr + num_partials * dim + offs, mask=ok, other=0.0)
-    tl.store(dw_ptr + cols, tl.sum(dw_acc, axis=0).to(dw_ptr.dtype.element_ty), mask=col_ok)
-    tl.store(db_ptr + cols, tl.sum(db_acc, axis=0).to(db_ptr.dtype.element_ty), mask=col_ok)
-
-
 def _blocks(dim: int, tile: int, per_thread: int) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_D, num_warps)`` for rows of width ``dim``, a tile of ``tile`` elements (or one
     row) and about ``per_thread`` tile elements per thread (4 to 16 warps)."""
@@ -194,12 +173,13 @@ def _bwd_programs(num_rows: int, block_r: int, device: torch.device) -> tuple[in
     return split_rows(num_rows, block_r, target)
 
 
-@torch.library.triton_op("fastmae_triton::layer_norm", mutates_args=())
-def layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                  residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Contiguous ``x (..., D)``, ``weight (D,)``, ``bias (D,)``, optional ``residual`` shaped as x ->
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fastmae::layer_norm``: ``x (..., D)``, ``weight (D,)``, ``bias (D,)``, optional ``residual`` shaped as x ->
     ``(out (..., D), x + residual (..., D) or an empty placeholder (0,), mean (...), rstd (...))``;
     out and the sum in the promoted dtype of x and residual, mean and rstd fp32."""
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    residual = None if residual is None else residual.contiguous()
     dim = x.shape[-1]
     num_rows = x.numel() // dim  # R
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -209,20 +189,21 @@ def layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     block_r, block_d, num_warps = _fwd_blocks(dim)
     if num_rows > 0:
-        wrap_triton(_layer_norm_fwd_kernel)[(triton.cdiv(num_rows, block_r),)](
+        _layer_norm_fwd_kernel[(triton.cdiv(num_rows, block_r),)](
             x, x if residual is None else residual, weight, bias, out, out if residual is None else total,
             mean, rstd, num_rows, dim, eps,
             BLOCK_R=block_r, BLOCK_D=block_d, HAS_RESIDUAL=residual is not None, num_warps=num_warps)
     return out, total, mean, rstd
 
 
-@torch.library.triton_op("fastmae_triton::layer_norm_backward", mutates_args=())
-def layer_norm_backward_op(grad_out: torch.Tensor, grad_sum: torch.Tensor | None, total: torch.Tensor,
-                           weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                           bias_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Contiguous ``grad_out (..., D)``, optional ``grad_sum (..., D)``, the normalised input
+def layer_norm_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | None, total: torch.Tensor,
+                        weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        bias_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fastmae::layer_norm_backward``: ``grad_out (..., D)``, optional ``grad_sum (..., D)``, the normalised input
     ``total (..., D)``, ``weight (D,)``, ``mean``/``rstd (...)`` fp32 -> ``(grad_total (..., D)`` in total's
     dtype, ``grad_weight (D,)`` in weight's dtype, ``grad_bias (D,)`` in ``bias_dtype``)."""
+    grad_out, total, weight = grad_out.contiguous(), total.contiguous(), weight.contiguous()
+    grad_sum = None if grad_sum is None else grad_sum.contiguous()
     dim = total.shape[-1]
     num_rows = total.numel() // dim  # R
     block_r, block_d, num_warps = _bwd_blocks(dim)
@@ -232,70 +213,20 @@ def layer_norm_backward_op(grad_out: torch.Tensor, grad_sum: torch.Tensor | None
     grad_weight = torch.empty((dim,), dtype=weight.dtype, device=total.device)
     grad_bias = torch.empty((dim,), dtype=bias_dtype, device=total.device)
     if programs > 0:
-        wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
+        _layer_norm_bwd_kernel[(programs,)](
             grad_out, grad_out if grad_sum is None else grad_sum, total, weight, mean, rstd, grad_total, partial,
             num_rows, dim, rows_per_program,
             BLOCK_R=block_r, BLOCK_D=block_d, HAS_GRAD_SUM=grad_sum is not None, num_warps=num_warps)
-    wrap_triton(_layer_norm_param_grad_kernel)[(triton.cdiv(dim, RED_BLOCK_D),)](
-        partial, grad_weight, grad_bias, programs, dim, BLOCK_P=RED_BLOCK_P, BLOCK_D=RED_BLOCK_D)
+    column_sum(partial, grad_weight, programs, dim, RED_BLOCK_P, RED_BLOCK_D, out2=grad_bias)  # (2, G, D) -> 2 (D,)
     return grad_total, grad_weight, grad_bias
 
 
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
-                   output: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-    x, weight, bias, _, residual = inputs
-    _, total, mean, rstd = output
-    sum_has_grad = residual is not None and (x.requires_grad or residual.requires_grad)
-    ctx.mark_non_differentiable(mean, rstd, *([] if sum_has_grad else [total]))  # as the reference's x + residual
-    ctx.set_materialize_grads(False)  # an unused sum brings no gradient: nothing to read
-    ctx.save_for_backward(x if residual is None else total, weight, mean, rstd)
-    ctx.x_dtype = x.dtype
-    ctx.residual_dtype = None if residual is None else residual.dtype
-    ctx.bias_dtype = bias.dtype
-
-
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor | None,
-              grad_sum: torch.Tensor | None, _grad_mean: None, _grad_rstd: None) -> tuple:
-    total, weight, mean, rstd = ctx.saved_tensors
-    if grad_out is None:  # only the returned sum was used
-        grad_total, grad_weight, grad_bias = grad_sum, None, None
-    else:
-        grad_total, grad_weight, grad_bias = layer_norm_backward_op(
-            grad_out.contiguous(), None if grad_sum is None else grad_sum.contiguous(), total, weight, mean, rstd,
-            ctx.bias_dtype)
-    needs = ctx.needs_input_grad  # x, weight, bias, eps, residual
-    return (grad_total.to(ctx.x_dtype) if needs[0] else None,
-            grad_weight if needs[1] else None,
-            grad_bias if needs[2] else None,
-            None,
-            grad_total.to(ctx.residual_dtype) if needs[4] else None)
-
-
-layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
-                      residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`fastmae.ops.layer_norm.layer_norm_reference`: ``x (..., D)``, ``weight (D,)``, ``bias (D,)``
-    -> ``LN(x) (..., D)``; with ``residual (..., D)`` -> ``(LN(x + residual), x + residual)``."""
-    out, total, _, _ = layer_norm_op(x.contiguous(), weight.contiguous(), bias.contiguous(), float(eps),
-                                     None if residual is None else residual.contiguous())
-    return out if residual is None else (out, total)
-
-
-_SIG_FWD = {"x_ptr": "*{dtype}", "res_ptr": "*{dtype}", "w_ptr": "*{dtype}", "b_ptr": "*{dtype}",
-            "out_ptr": "*{dtype}", "sum_ptr": "*{dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-            "num_rows": "i32", "dim": "i32", "eps": "fp32",
-            "BLOCK_R": "constexpr", "BLOCK_D": "constexpr", "HAS_RESIDUAL": "constexpr"}
+_STATS = {"mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
+_FWD_TYPES = {**_STATS, "eps": "fp32"}
 # under autocast: bf16/fp16 branch output x, fp32 residual stream and fp32 LayerNorm parameters -> fp32
-_SIG_FWD_AUTOCAST = {**_SIG_FWD, "res_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32",
-                     "sum_ptr": "*fp32"}
-_SIG_BWD = {"g_ptr": "*{dtype}", "gs_ptr": "*{dtype}", "s_ptr": "*{dtype}", "w_ptr": "*{dtype}",
-            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "ds_ptr": "*{dtype}", "partial_ptr": "*fp32",
-            "num_rows": "i32", "dim": "i32", "rows_per_program": "i32",
-            "BLOCK_R": "constexpr", "BLOCK_D": "constexpr", "HAS_GRAD_SUM": "constexpr"}
-_SIG_RED = {"partial_ptr": "*fp32", "dw_ptr": "*{dtype}", "db_ptr": "*{dtype}", "num_partials": "i32",
-            "dim": "i32", "BLOCK_P": "constexpr", "BLOCK_D": "constexpr"}
+_FWD_AUTOCAST_TYPES = {**_FWD_TYPES, "res_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32",
+                       "sum_ptr": "*fp32"}
+_BWD_TYPES = {**_STATS, "partial_ptr": "*fp32"}
 
 
 def _aot(dim: int) -> list[AotKernel]:
@@ -306,15 +237,15 @@ def _aot(dim: int) -> list[AotKernel]:
     bwd = {"BLOCK_R": bwd_r, "BLOCK_D": block_d}
     label = f"D{block_d}"
     return [
-        AotKernel(fn=_layer_norm_fwd_kernel, signature=_SIG_FWD, constexprs={**fwd, "HAS_RESIDUAL": False},
+        AotKernel(fn=_layer_norm_fwd_kernel, overrides=_FWD_TYPES, constexprs={**fwd, "HAS_RESIDUAL": False},
                   num_warps=fwd_warps, label=label),
-        AotKernel(fn=_layer_norm_fwd_kernel, signature=_SIG_FWD, constexprs={**fwd, "HAS_RESIDUAL": True},
+        AotKernel(fn=_layer_norm_fwd_kernel, overrides=_FWD_TYPES, constexprs={**fwd, "HAS_RESIDUAL": True},
                   num_warps=fwd_warps, label=f"{label}-residual"),
-        AotKernel(fn=_layer_norm_fwd_kernel, signature=_SIG_FWD_AUTOCAST, constexprs={**fwd, "HAS_RESIDUAL": True},
-                  num_warps=fwd_warps, label=f"{label}-residual-autocast"),
-        AotKernel(fn=_layer_norm_bwd_kernel, signature=_SIG_BWD, constexprs={**bwd, "HAS_GRAD_SUM": False},
+        AotKernel(fn=_layer_norm_fwd_kernel, overrides=_FWD_AUTOCAST_TYPES,
+                  constexprs={**fwd, "HAS_RESIDUAL": True}, num_warps=fwd_warps, label=f"{label}-residual-autocast"),
+        AotKernel(fn=_layer_norm_bwd_kernel, overrides=_BWD_TYPES, constexprs={**bwd, "HAS_GRAD_SUM": False},
                   num_warps=bwd_warps, label=label),
-        AotKernel(fn=_layer_norm_bwd_kernel, signature=_SIG_BWD, constexprs={**bwd, "HAS_GRAD_SUM": True},
+        AotKernel(fn=_layer_norm_bwd_kernel, overrides=_BWD_TYPES, constexprs={**bwd, "HAS_GRAD_SUM": True},
                   num_warps=bwd_warps, label=f"{label}-residual"),
     ]
 
@@ -322,6 +253,7 @@ def _aot(dim: int) -> list[AotKernel]:
 # MAE widths: decoder 512, ViT-B/L encoder 768/1024 (BLOCK_D 1024), ViT-H encoder 1280 (BLOCK_D 2048).
 AOT_KERNELS = [
     *(k for dim in (512, 1024, 1280) for k in _aot(dim)),
-    AotKernel(fn=_layer_norm_param_grad_kernel, signature=_SIG_RED,
-              constexprs={"BLOCK_P": RED_BLOCK_P, "BLOCK_D": RED_BLOCK_D}, num_warps=4, label="params"),
+    AotKernel(fn=column_sum_kernel, overrides=column_sum_types(),
+              constexprs={"BLOCK_P": RED_BLOCK_P, "BLOCK_D": RED_BLOCK_D, "SLABS": 2}, num_warps=4,
+              label="params"),
 ]

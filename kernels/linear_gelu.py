@@ -51,8 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._common import interpreter_on, split_rows, wrap_triton
-from fastmae.kernels._column_sum import SIGNATURE as COLUMN_SUM_SIGNATURE
+from fastmae.kernels._common import interpreter_on, split_rows
+from fastmae.kernels._column_sum import aot_overrides as column_sum_types
 from fastmae.kernels._column_sum import column_sum, column_sum_kernel
 from fastmae.kernels.aot import AotKernel
 
@@ -157,24 +157,23 @@ def _bwd_programs(num_rows: int, block_r: int, col_blocks: int, device: torch.de
     return split_rows(num_rows, block_r, target)
 
 
-@torch.library.triton_op("fastmae_triton::bias_gelu", mutates_args=())
-def bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Contiguous ``x (..., F)``, ``bias (F,)`` -> ``gelu(x + bias) (..., F)`` in x's dtype."""
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``fastmae::bias_gelu``: ``x (..., F)``, ``bias (F,)`` -> ``gelu(x + bias) (..., F)`` in x's dtype."""
+    x, bias = x.contiguous(), bias.contiguous()
     dim = x.shape[-1]
     num_rows = x.numel() // dim  # R
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # (..., F)
     block_r, block_f, num_warps = _fwd_blocks(dim)
     if num_rows > 0:
-        wrap_triton(_bias_gelu_fwd_kernel)[(triton.cdiv(num_rows, block_r), triton.cdiv(dim, block_f))](
+        _bias_gelu_fwd_kernel[(triton.cdiv(num_rows, block_r), triton.cdiv(dim, block_f))](
             x, bias, out, num_rows, dim, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps)
     return out
 
 
-@torch.library.triton_op("fastmae_triton::bias_gelu_backward", mutates_args=())
-def bias_gelu_backward_op(grad: torch.Tensor, x: torch.Tensor,
-                          bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous ``grad (..., F)`` (of the output), ``x (..., F)``, ``bias (F,)`` ->
+def bias_gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fastmae::bias_gelu_backward``: ``grad (..., F)`` (of the output), ``x (..., F)``, ``bias (F,)`` ->
     ``(grad_x (..., F)`` in x's dtype, ``grad_bias (F,)`` in the bias's dtype)."""
+    grad, x, bias = grad.contiguous(), x.contiguous(), bias.contiguous()
     dim = x.shape[-1]
     num_rows = x.numel() // dim  # R
     block_r, block_f, num_warps = _bwd_blocks(dim)
@@ -185,39 +184,11 @@ def bias_gelu_backward_op(grad: torch.Tensor, x: torch.Tensor,
     partial = torch.empty((programs, dim), dtype=torch.float32, device=x.device)  # (G, F)
     grad_bias = torch.empty((dim,), dtype=bias.dtype, device=x.device)
     if programs > 0:
-        wrap_triton(_bias_gelu_bwd_kernel)[(programs, col_blocks)](
+        _bias_gelu_bwd_kernel[(programs, col_blocks)](
             grad, x, bias, grad_x, partial, num_rows, dim, rows_per_program,
             BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps)
     column_sum(partial, grad_bias, programs, dim, RED_BLOCK_P, RED_BLOCK_F)
     return grad_x, grad_bias
-
-
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple[torch.Tensor, torch.Tensor],
-                   output: torch.Tensor) -> None:
-    ctx.save_for_backward(*inputs)  # x, bias: z is recomputed
-
-
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-    x, bias = ctx.saved_tensors
-    grad_x, grad_bias = bias_gelu_backward_op(grad.contiguous(), x, bias)
-    needs = ctx.needs_input_grad  # x, bias
-    return grad_x if needs[0] else None, grad_bias if needs[1] else None
-
-
-bias_gelu_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def bias_gelu_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The fused half of :func:`fastmae.ops.linear_gelu.linear_gelu`'s triton backend: ``x (..., F)`` (the
-    GEMM's output without its bias), ``bias (F,)`` -> ``gelu(x + bias) (..., F)`` in x's dtype."""
-    return bias_gelu_op(x.contiguous(), bias.contiguous())
-
-
-_SIG_FWD = {"x_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "out_ptr": "*{dtype}", "num_rows": "i32", "dim": "i32",
-            "BLOCK_R": "constexpr", "BLOCK_F": "constexpr"}
-_SIG_BWD = {"g_ptr": "*{dtype}", "x_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "dx_ptr": "*{dtype}",
-            "partial_ptr": "*fp32", "num_rows": "i32", "dim": "i32", "rows_per_program": "i32",
-            "BLOCK_R": "constexpr", "BLOCK_F": "constexpr"}
 
 
 def _aot() -> list[AotKernel]:
@@ -228,12 +199,12 @@ def _aot() -> list[AotKernel]:
     kernels = []
     for label, bias_type in (("", "*{dtype}"), ("autocast", "*fp32")):
         kernels += [
-            AotKernel(fn=_bias_gelu_fwd_kernel, signature={**_SIG_FWD, "bias_ptr": bias_type},
+            AotKernel(fn=_bias_gelu_fwd_kernel, overrides={"bias_ptr": bias_type},
                       constexprs={"BLOCK_R": fwd_r, "BLOCK_F": block_f}, num_warps=fwd_warps, label=label),
-            AotKernel(fn=_bias_gelu_bwd_kernel, signature={**_SIG_BWD, "bias_ptr": bias_type},
+            AotKernel(fn=_bias_gelu_bwd_kernel, overrides={"partial_ptr": "*fp32", "bias_ptr": bias_type},
                       constexprs={"BLOCK_R": bwd_r, "BLOCK_F": block_f}, num_warps=bwd_warps, label=label),
-            AotKernel(fn=column_sum_kernel, signature={**COLUMN_SUM_SIGNATURE, "out_ptr": bias_type},
-                      constexprs={"BLOCK_P": RED_BLOCK_P, "BLOCK_D": RED_BLOCK_F}, num_warps=4,
+            AotKernel(fn=column_sum_kernel, overrides=column_sum_types(bias_type),
+                      constexprs={"BLOCK_P": RED_BLOCK_P, "BLOCK_D": RED_BLOCK_F, "SLABS": 1}, num_warps=4,
                       label=f"bias-{label}" if label else "bias"),
         ]
     return kernels

@@ -27,8 +27,7 @@ imgs is 5% worse (11 vs 10.5). It also writes nothing when no backward follows a
 ``(N, L, P)`` buffer alive, so the backward recomputes. Kept rows get ``0 * coefficient`` (zero, NaN
 like the reference when ``sum(mask) == 0``).
 
-The loss dtype is the reference's: the promotion of pred, imgs and mask, and fp32 under CUDA autocast
-(where ``pow`` runs in fp32).
+The loss dtype is the promotion of pred, imgs and mask (their common dtype, else fp32).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._common import interpreter_on, wrap_triton
+from fastmae.kernels._common import interpreter_on
 from fastmae.kernels.aot import AotKernel
 
 MAX_BLOCK_P = 4096  # a whole patch per tile row, in registers
@@ -52,9 +51,9 @@ def _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps
                 s_pred_n, s_pred_l, s_pred_p, s_img_n, s_img_c, s_img_h, s_img_w, s_mask_n, s_mask_l,
                 PATCH: tl.constexpr, CHANNELS: tl.constexpr, BLOCK_P: tl.constexpr, ROWS: tl.constexpr,
                 NORM_PIX: tl.constexpr):
-    """``(pred - target)`` of this program's rows, (ROWS, BLOCK_P) fp32 (0 on kept rows and padding), and
-    the mask weights (ROWS,)."""
-    eps = tl.cast(eps, tl.float32)  # torch.compile's inductor passes a Python float as fp64
+    """``(pred - target)`` of this program's rows, (ROWS, BLOCK_P) fp32 (0 on kept rows and padding), the mask
+    weights (ROWS,), the rows' flat patch indices ``n*L + l`` (ROWS,) and which of them exist."""
+    eps = tl.cast(eps, tl.float32)  # fp32 math even when the float arrives typed fp64
     P: tl.constexpr = PATCH * PATCH * CHANNELS
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) flat patch index n*L + l
     in_range = row < num_rows
@@ -76,20 +75,25 @@ def _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps
         d = tl.where(live, t - mean[:, None], 0.0)
         var = tl.sum(d * d, axis=1) / (P - 1)  # (ROWS,) unbiased
         t = d / tl.sqrt_rn(var + eps)[:, None]
-    return x - t, m
+    return x - t, m, row, in_range
 
 
+# The forward and backward kernels share these arguments (besides their own pointers), all passed on to
+# _patch_diff:
+#   pred_ptr (N, L, P), imgs_ptr (N, C, H, W), mask_ptr (N, L): any strides, given after the sizes
+#   num_rows N*L, num_patches L, grid_w W // PATCH (patches per image row), eps (norm_pix's, cast to fp32)
+#   s_pred_*, s_img_*, s_mask_*: pred.stride(), imgs.stride(), mask.stride()
+#   PATCH p, CHANNELS C (P = p*p*C), BLOCK_P = next_pow2(P), ROWS patches per program, NORM_PIX
 @triton.jit
 def _masked_mse_fwd_kernel(pred_ptr, imgs_ptr, mask_ptr, partial_ptr, num_rows, num_patches, grid_w, eps,
                            s_pred_n, s_pred_l, s_pred_p, s_img_n, s_img_c, s_img_h, s_img_w, s_mask_n, s_mask_l,
                            PATCH: tl.constexpr, CHANNELS: tl.constexpr, BLOCK_P: tl.constexpr,
                            ROWS: tl.constexpr, NORM_PIX: tl.constexpr):
     """partial[0, pid] = sum over its rows of mask * mse, partial[1, pid] = sum of mask; partial (2, G)."""
-    P: tl.constexpr = PATCH * PATCH * CHANNELS
-    diff, m = _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps,
-                         s_pred_n, s_pred_l, s_pred_p, s_img_n, s_img_c, s_img_h, s_img_w,
-                         s_mask_n, s_mask_l, PATCH, CHANNELS, BLOCK_P, ROWS, NORM_PIX)
-    mse = tl.sum(diff * diff, axis=1) / P  # (ROWS,)
+    diff, m, _, _ = _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps,
+                                s_pred_n, s_pred_l, s_pred_p, s_img_n, s_img_c, s_img_h, s_img_w,
+                                s_mask_n, s_mask_l, PATCH, CHANNELS, BLOCK_P, ROWS, NORM_PIX)
+    mse = tl.sum(diff * diff, axis=1) / (PATCH * PATCH * CHANNELS)  # (ROWS,)
     pid = tl.program_id(0)
     tl.store(partial_ptr + pid, tl.sum(m * mse, axis=0))
     tl.store(partial_ptr + tl.num_programs(0) + pid, tl.sum(m, axis=0))
@@ -118,17 +122,14 @@ def _masked_mse_bwd_kernel(grad_loss_ptr, mask_sum_ptr, pred_ptr, imgs_ptr, mask
                            ROWS: tl.constexpr, NORM_PIX: tl.constexpr):
     """grad (N*L, P) contiguous = 2 * (pred - t) / P * mask / sum(mask) * grad_loss, every row written."""
     P: tl.constexpr = PATCH * PATCH * CHANNELS
-    diff, m = _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps,
-                         s_pred_n, s_pred_l, s_pred_p, s_img_n, s_img_c, s_img_h, s_img_w,
-                         s_mask_n, s_mask_l, PATCH, CHANNELS, BLOCK_P, ROWS, NORM_PIX)
+    diff, m, row, in_range = _patch_diff(pred_ptr, imgs_ptr, mask_ptr, num_rows, num_patches, grid_w, eps,
+                                         s_pred_n, s_pred_l, s_pred_p, s_img_n, s_img_c, s_img_h, s_img_w,
+                                         s_mask_n, s_mask_l, PATCH, CHANNELS, BLOCK_P, ROWS, NORM_PIX)
     scale = tl.load(grad_loss_ptr).to(tl.float32) * 2.0 / (P * tl.load(mask_sum_ptr))
     grad = diff * (m * scale)[:, None]  # (ROWS, BLOCK_P)
-    # the store's indices are computed here, not returned by _patch_diff: torch.compile's mutation analysis
-    # follows a store's address back through calls, and would count every pointer _patch_diff reads as written
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     j = tl.arange(0, BLOCK_P)  # (BLOCK_P,)
     out = grad_ptr + row.to(tl.int64)[:, None] * P + j[None, :]
-    tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=(row < num_rows)[:, None] & (j < P)[None, :])
+    tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=in_range[:, None] & (j < P)[None, :])
 
 
 def _tile(p: int, channels: int, tile: int) -> tuple[int, int]:
@@ -157,97 +158,56 @@ def _constexprs(imgs: torch.Tensor, patch_size: int, norm_pix: bool) -> dict[str
     return dict(PATCH=patch_size, CHANNELS=imgs.shape[1], BLOCK_P=block_p, ROWS=rows, NORM_PIX=norm_pix)
 
 
-@torch.library.triton_op("fastmae_triton::masked_mse", mutates_args=())
-def masked_mse_fwd(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
-                   eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pred (N, L, P)``, ``imgs (N, C, H, W)``, ``mask (N, L)`` -> (loss () in ``out_dtype``, sum(mask) () fp32)."""
+def loss_dtype(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor) -> torch.dtype:
+    """The promotion of three dtypes among fp32/bf16/fp16: their common dtype, else fp32."""
+    dtypes = {pred.dtype, imgs.dtype, mask.dtype}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def masked_mse(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
+               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fastmae::masked_mse``: ``pred (N, L, P)``, ``imgs (N, C, H, W)``, ``mask (N, L)`` (any strides)
+    -> ``(loss ()`` in the promotion of the three dtypes, ``sum(mask) ()`` fp32)."""
     programs, args = _launch_args(pred, imgs, mask, patch_size, eps)
     partial = torch.empty((2, programs), dtype=torch.float32, device=pred.device)  # (2, G)
-    loss = torch.empty((), dtype=out_dtype, device=pred.device)
+    loss = torch.empty((), dtype=loss_dtype(pred, imgs, mask), device=pred.device)
     mask_sum = torch.empty((), dtype=torch.float32, device=pred.device)
     if programs > 0:
-        wrap_triton(_masked_mse_fwd_kernel)[(programs,)](
+        _masked_mse_fwd_kernel[(programs,)](
             pred, imgs, mask, partial, *args, **_constexprs(imgs, patch_size, norm_pix), num_warps=_NUM_WARPS)
-    wrap_triton(_masked_mse_sum_kernel)[(1,)](partial, loss, mask_sum, programs, BLOCK=_SUM_BLOCK)
+    _masked_mse_sum_kernel[(1,)](partial, loss, mask_sum, programs, BLOCK=_SUM_BLOCK)
     return loss, mask_sum
 
 
-@torch.library.triton_op("fastmae_triton::masked_mse_backward", mutates_args=())
-def masked_mse_bwd(grad_loss: torch.Tensor, mask_sum: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor,
-                   mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float) -> torch.Tensor:
-    """``grad_loss ()``, ``mask_sum ()`` fp32 -> gradient wrt ``pred``, ``(N, L, P)`` contiguous, pred's dtype."""
+def masked_mse_backward(grad_loss: torch.Tensor, mask_sum: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor,
+                        mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float) -> torch.Tensor:
+    """``fastmae::masked_mse_backward``: ``grad_loss ()``, ``mask_sum ()`` fp32 -> gradient wrt ``pred``,
+    ``(N, L, P)`` contiguous, pred's dtype."""
     programs, args = _launch_args(pred, imgs, mask, patch_size, eps)
     grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)  # (N, L, P)
     if programs > 0:
-        wrap_triton(_masked_mse_bwd_kernel)[(programs,)](
+        _masked_mse_bwd_kernel[(programs,)](
             grad_loss, mask_sum, pred, imgs, mask, grad, *args, **_constexprs(imgs, patch_size, norm_pix),
             num_warps=_NUM_WARPS)
     return grad
 
 
-def _setup_context(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:  # noqa: ANN001
-    pred, imgs, mask, patch_size, norm_pix, eps, _ = inputs
-    ctx.save_for_backward(pred, imgs, mask, output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-    ctx.patch_size, ctx.norm_pix, ctx.eps = patch_size, norm_pix, eps
-
-
-def _backward(ctx, grad_loss: torch.Tensor, _grad_mask_sum: torch.Tensor | None) -> tuple:  # noqa: ANN001
-    pred, imgs, mask, mask_sum = ctx.saved_tensors
-    grad = masked_mse_bwd(grad_loss.contiguous(), mask_sum, pred, imgs, mask, ctx.patch_size, ctx.norm_pix, ctx.eps)
-    return grad, None, None, None, None, None, None
-
-
-masked_mse_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def loss_dtype(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor) -> torch.dtype:
-    """The reference's result dtype: fp32 under CUDA autocast (``pow`` autocasts to fp32), else the
-    promotion of the three dtypes, which among fp32/bf16/fp16 is their common dtype or else fp32
-    (plain Python: ``torch.promote_types`` would leave nodes in an exported graph)."""
-    if pred.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.float32
-    dtypes = {pred.dtype, imgs.dtype, mask.dtype}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
-
-
-def masked_mse_triton(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
-                      eps: float = 1e-6) -> torch.Tensor:
-    """As ``masked_mse_reference``: ``pred (N, L, P)``, ``imgs (N, C, H, W)``, ``mask (N, L)`` -> scalar loss.
-
-    Differentiable wrt ``pred`` only: ``imgs`` and ``mask`` must not require grad.
-    """
-    if torch.is_grad_enabled() and (imgs.requires_grad or mask.requires_grad):
-        raise ValueError("masked_mse_triton gives no gradient for imgs or mask; they must not require grad")
-    loss, _ = masked_mse_fwd(pred, imgs, mask, patch_size, bool(norm_pix), float(eps), loss_dtype(pred, imgs, mask))
-    return loss
-
-
-_STRIDES = {f"s_{name}": "i32" for name in ("pred_n", "pred_l", "pred_p", "img_n", "img_c", "img_h", "img_w",
-                                            "mask_n", "mask_l")}
-_ROW_ARGS = {"pred_ptr": "*{dtype}", "imgs_ptr": "*{dtype}", "mask_ptr": "*fp32"}
-_SIZES = {"num_rows": "i32", "num_patches": "i32", "grid_w": "i32", "eps": "fp32"}
-_CONSTEXPR_SIG = {k: "constexpr" for k in ("PATCH", "CHANNELS", "BLOCK_P", "ROWS", "NORM_PIX")}
+_FWD_TYPES = {"mask_ptr": "*fp32", "partial_ptr": "*fp32", "eps": "fp32"}
+_BWD_TYPES = {"grad_loss_ptr": "*fp32", "mask_sum_ptr": "*fp32", "mask_ptr": "*fp32", "eps": "fp32"}
 
 
 def _aot(patch: int, norm_pix: bool) -> list[AotKernel]:
     block_p, rows = _tile(patch, 3, GPU_TILE)
     consts = dict(PATCH=patch, CHANNELS=3, BLOCK_P=block_p, ROWS=rows, NORM_PIX=norm_pix)
     label = f"p{patch}{'_norm' if norm_pix else ''}"
-    fwd_sig = {**_ROW_ARGS, "partial_ptr": "*fp32", **_SIZES, **_STRIDES, **_CONSTEXPR_SIG}
-    bwd_sig = {"grad_loss_ptr": "*fp32", "mask_sum_ptr": "*fp32", **_ROW_ARGS, "grad_ptr": "*{dtype}", **_SIZES,
-               **_STRIDES, **_CONSTEXPR_SIG}
-    return [AotKernel(fn=_masked_mse_fwd_kernel, signature=fwd_sig, constexprs=consts, num_warps=_NUM_WARPS,
+    return [AotKernel(fn=_masked_mse_fwd_kernel, overrides=_FWD_TYPES, constexprs=consts, num_warps=_NUM_WARPS,
                       label=label),
-            AotKernel(fn=_masked_mse_bwd_kernel, signature=bwd_sig, constexprs=consts, num_warps=_NUM_WARPS,
+            AotKernel(fn=_masked_mse_bwd_kernel, overrides=_BWD_TYPES, constexprs=consts, num_warps=_NUM_WARPS,
                       label=label)]
 
 
 AOT_KERNELS = [
     *(k for patch in (16, 14) for norm_pix in (True, False) for k in _aot(patch, norm_pix)),
-    AotKernel(fn=_masked_mse_sum_kernel,
-              signature={"partial_ptr": "*fp32", "loss_ptr": "*{dtype}", "mask_sum_ptr": "*fp32", "num_parts": "i32",
-                         "BLOCK": "constexpr"},
+    AotKernel(fn=_masked_mse_sum_kernel, overrides={"partial_ptr": "*fp32", "mask_sum_ptr": "*fp32"},
               constexprs={"BLOCK": _SUM_BLOCK}, num_warps=4, label="sum"),
 ]

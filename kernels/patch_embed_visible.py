@@ -36,9 +36,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
-from fastmae.kernels._common import autocast_enabled, interpreter_on, wrap_triton
+from fastmae.kernels._common import interpreter_on
 from fastmae.kernels.aot import AotKernel
 
 # Tiles: zero register spills on sm_80/sm_90 in bf16/fp16 even without the JIT's alignment hints
@@ -158,12 +157,11 @@ def _dot_fp32(imgs: torch.Tensor) -> bool:
     return interpreter_on() or imgs.dtype == torch.float32
 
 
-@triton_op("fastmae_triton::patch_embed_visible", mutates_args=())
-def patch_embed_visible_op(
+def patch_embed_visible(
     imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor
 ) -> torch.Tensor:
-    """``imgs (N, C, H, W)``, ``ids_keep (N, K)``, ``weight (D, C, p, p)``, ``bias (D,)``, ``pos_embed (1, L+1, D)``
-    -> ``(N, K, D)`` in ``promote(imgs.dtype, pos_embed.dtype)``; imgs, weight and bias share one dtype."""
+    """``fastmae::patch_embed_visible``: ``imgs (N, C, H, W)``, ``ids_keep (N, K)``, ``weight (D, C, p, p)``,
+    ``bias (D,)``, ``pos_embed (1, L+1, D)`` -> ``(N, K, D)`` in ``promote(imgs.dtype, pos_embed.dtype)``; imgs, weight and bias share one dtype."""
     imgs, weight, pos_embed = _unit_last_stride(imgs), weight.contiguous(), _unit_last_stride(pos_embed)
     bias = _unit_last_stride(bias)
     n, c, _, ww = imgs.shape
@@ -175,7 +173,7 @@ def patch_embed_visible_op(
         return out
     block_n = _block_n(d)
     grid = (triton.cdiv(m, _FWD_BLOCK_M) * triton.cdiv(d, block_n),)
-    wrap_triton(_patch_embed_fwd_kernel)[grid](
+    _patch_embed_fwd_kernel[grid](
         imgs, ids_keep, weight, bias, pos_embed, out,
         m, k, ww // p, d,
         *imgs.stride()[:3], *ids_keep.stride(), pos_embed.stride(1),
@@ -185,11 +183,10 @@ def patch_embed_visible_op(
     return out
 
 
-@triton_op("fastmae_triton::patch_embed_visible_backward", mutates_args=())
-def patch_embed_visible_backward_op(
+def patch_embed_visible_backward(
     grad_out: torch.Tensor, imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``grad_out (N, K, D)`` (any strides) -> ``grad_weight (D, C, p, p)``, ``grad_bias (D,)`` in weight's dtype."""
+    """``fastmae::patch_embed_visible_backward``: ``grad_out (N, K, D)`` (any strides) -> ``grad_weight (D, C, p, p)``, ``grad_bias (D,)`` in weight's dtype."""
     grad_out, imgs = grad_out.contiguous(), _unit_last_stride(imgs)  # grad_out may be expanded, e.g. from .sum()
     n, c, _, ww = imgs.shape
     d, _, p, _ = weight.shape
@@ -204,7 +201,7 @@ def patch_embed_visible_backward_op(
     dw_part = alloc((splits, d, cpp), dtype=torch.float32, device=imgs.device)  # (S, D, C*p*p)
     db_part = alloc((splits, d), dtype=torch.float32, device=imgs.device)  # (S, D)
     if m:
-        wrap_triton(_patch_embed_bwd_kernel)[(tiles, splits)](
+        _patch_embed_bwd_kernel[(tiles, splits)](
             grad_out, imgs, ids_keep, dw_part, db_part,
             m, k, ww // p, d, chunk,
             *imgs.stride()[:3], *ids_keep.stride(),
@@ -216,55 +213,20 @@ def patch_embed_visible_backward_op(
     return grad_weight, grad_bias
 
 
-def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ANN001
-    imgs, ids_keep, weight, _, _ = inputs
-    ctx.save_for_backward(imgs, ids_keep, weight)
+def _aot(fn: object, label: str, overrides: dict[str, str], **constexprs: object) -> AotKernel:
+    return AotKernel(fn=fn, overrides=overrides, constexprs=constexprs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+                     label=label)
 
 
-def _backward(ctx, grad_out: torch.Tensor) -> tuple:  # noqa: ANN001
-    imgs, ids_keep, weight = ctx.saved_tensors
-    grad_weight, grad_bias = patch_embed_visible_backward_op(grad_out, imgs, ids_keep, weight)
-    return None, None, grad_weight, grad_bias, None
-
-
-patch_embed_visible_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def patch_embed_visible_triton(
-    imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor
-) -> torch.Tensor:
-    """Same arguments and result as ``patch_embed_visible_reference``: ``(N, C, H, W)``, ``(N, K)``,
-    ``(D, C, p, p)``, ``(D,)``, ``(1, L+1, D)`` -> ``(N, K, D)``. Gradients for weight and bias only."""
-    device_type = imgs.device.type
-    if autocast_enabled(device_type):
-        # what autocast does to F.linear's inputs (pos_embed is not one of them)
-        dtype = torch.get_autocast_dtype(device_type)
-        imgs, weight, bias = imgs.to(dtype), weight.to(dtype), bias.to(dtype)
-    return patch_embed_visible_op(imgs, ids_keep, weight, bias, pos_embed)
-
-
-def _aot(fn: object, label: str, signature: dict[str, str], **constexprs: object) -> AotKernel:
-    return AotKernel(fn=fn, signature={**signature, **{name: "constexpr" for name in constexprs}},
-                     constexprs=constexprs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, label=label)
-
-
-_FWD_SIGNATURE = {
-    "imgs_ptr": "*{dtype}", "ids_ptr": "*i64", "w_ptr": "*{dtype}", "b_ptr": "*{dtype}", "pos_ptr": "*fp32",
-    "out_ptr": "*fp32", "M": "i32", "K": "i32", "GRID_W": "i32", "D": "i32",
-    "s_in": "i32", "s_ic": "i32", "s_ih": "i32", "s_idn": "i32", "s_idk": "i32", "s_pl": "i32",
-}
-_BWD_SIGNATURE = {
-    "g_ptr": "*fp32", "imgs_ptr": "*{dtype}", "ids_ptr": "*i64", "dw_ptr": "*fp32", "db_ptr": "*fp32",
-    "M": "i32", "K": "i32", "GRID_W": "i32", "D": "i32", "CHUNK": "i32",
-    "s_in": "i32", "s_ic": "i32", "s_ih": "i32", "s_idn": "i32", "s_idk": "i32",
-}
+_FWD_TYPES = {"ids_ptr": "*i64", "pos_ptr": "*fp32", "out_ptr": "*fp32"}
+_BWD_TYPES = {"g_ptr": "*fp32", "ids_ptr": "*i64", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
 # ViT-B/16, ViT-L/16 (p=16, D in {768, 1024}) and ViT-H/14 (p=14, D=1280): every width a multiple of 128.
 AOT_KERNELS = [
-    _aot(_patch_embed_fwd_kernel, f"p{p}", _FWD_SIGNATURE, C=3, P=p, BLOCK_M=_FWD_BLOCK_M, BLOCK_N=128,
+    _aot(_patch_embed_fwd_kernel, f"p{p}", _FWD_TYPES, C=3, P=p, BLOCK_M=_FWD_BLOCK_M, BLOCK_N=128,
          BLOCK_K=_FWD_BLOCK_K, DOT_FP32=False)
     for p in (16, 14)
 ] + [
-    _aot(_patch_embed_bwd_kernel, f"p{p}", _BWD_SIGNATURE, C=3, P=p, BLOCK_D=128, BLOCK_R=_BWD_BLOCK_R,
+    _aot(_patch_embed_bwd_kernel, f"p{p}", _BWD_TYPES, C=3, P=p, BLOCK_D=128, BLOCK_R=_BWD_BLOCK_R,
          BLOCK_M=_BWD_BLOCK_M, DOT_FP32=False)
     for p in (16, 14)
 ]

@@ -37,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._common import wrap_triton
 from fastmae.kernels.aot import AotKernel
 
 MAX_PATCHES = 1024  # the whole row lives in registers
@@ -106,18 +105,19 @@ def _philox_uniform(seed, step, counter):
     return tl.uint_to_uniform_float(r)
 
 
-@triton.jit(do_not_specialize=["seed", "step"])  # not specialised on 1 or 16-divisible values
+@triton.jit
 def _random_masking_philox_kernel(
     ids_keep_ptr,  # (N, K) int64
     ids_restore_ptr,  # (N, L) int64
     mask_ptr,  # (N, L) fp32
-    seed,  # Philox key, 0 <= seed < 2**63
-    step,  # Philox counter word 1, 0 <= step < 2**31
+    seed_step_ptr,  # (2,) int64: the Philox key 0 <= seed < 2**63, counter word 1 0 <= step < 2**31
     num_patches,  # L
     num_keep,  # K
     BLOCK_L: tl.constexpr,
     BLOCK_I: tl.constexpr,
 ):
+    seed = tl.load(seed_step_ptr)  # read on the device: a captured CUDA graph advances the step in place
+    step = tl.load(seed_step_ptr + 1)
     n = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_L)  # (BLOCK_L,)
     noise_row = _philox_uniform(seed, step, n * num_patches + cols)  # (BLOCK_L,) columns >= L never counted
@@ -142,62 +142,44 @@ def _empty_outputs(n: int, num_patches: int, num_keep: int,
     return ids_keep, ids_restore, mask
 
 
-@torch.library.triton_op("fastmae_triton::random_masking", mutates_args=())
-def random_masking_op(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Contiguous ``noise (N, L)``, ``L <= 1024`` -> ``ids_keep (N, K)``, ``ids_restore (N, L)`` int64,
-    ``mask (N, L)`` fp32."""
+def random_masking(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fastmae::random_masking``: ``noise (N, L)``, ``L <= 1024`` -> ``ids_keep (N, K)``, ``ids_restore (N, L)``
+    int64, ``mask (N, L)`` fp32."""
+    noise = noise.contiguous()
     n, num_patches = noise.shape
     ids_keep, ids_restore, mask = _empty_outputs(n, num_patches, len_keep, noise.device)
     block_l, block_i = _blocks(num_patches)
-    wrap_triton(_random_masking_kernel)[(n,)](
+    _random_masking_kernel[(n,)](
         noise, ids_keep, ids_restore, mask, num_patches, len_keep, BLOCK_L=block_l, BLOCK_I=block_i)
     return ids_keep, ids_restore, mask
 
 
-@torch.library.triton_op("fastmae_triton::random_masking_philox", mutates_args=())
-def random_masking_philox_op(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
-                             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``ids_keep (N, K)``, ``ids_restore (N, L)`` int64, ``mask (N, L)`` fp32 from the Philox noise
-    of ``(seed, step)``; ``L <= 1024``."""
-    ids_keep, ids_restore, mask = _empty_outputs(num_samples, num_patches, len_keep, device)
+def random_masking_philox(seed_step: torch.Tensor, num_samples: int, num_patches: int,
+                          len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fastmae::random_masking_philox``: ``seed_step (2,)`` int64 ``[seed, step]`` on the target device ->
+    ``ids_keep (N, K)``, ``ids_restore (N, L)`` int64, ``mask (N, L)`` fp32 from the Philox noise of
+    ``(seed, step)``; ``L <= 1024``."""
+    ids_keep, ids_restore, mask = _empty_outputs(num_samples, num_patches, len_keep, seed_step.device)
     block_l, block_i = _blocks(num_patches)
-    wrap_triton(_random_masking_philox_kernel)[(num_samples,)](
-        ids_keep, ids_restore, mask, seed, step, num_patches, len_keep, BLOCK_L=block_l, BLOCK_I=block_i)
+    _random_masking_philox_kernel[(num_samples,)](
+        ids_keep, ids_restore, mask, seed_step, num_patches, len_keep, BLOCK_L=block_l, BLOCK_I=block_i)
     return ids_keep, ids_restore, mask
 
 
-def random_masking_triton(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As :func:`fastmae.ops.random_masking.random_masking_reference`: ``noise (N, L)``, ``L <= 1024``
-    -> ``ids_keep (N, K)``, ``ids_restore (N, L)`` int64, ``mask (N, L)`` fp32 (1 = removed).
-    ``noise`` gets no gradient (the outputs are indices and a constant mask)."""
-    return random_masking_op(noise.detach().contiguous(), len_keep)
-
-
-def random_masking_philox_triton(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
-                                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As :func:`fastmae.ops.random_masking.random_masking_philox_reference`, the noise generated in
-    registers: ``ids_keep (N, K)``, ``ids_restore (N, L)`` int64, ``mask (N, L)`` fp32.
-    ``0 <= seed < 2**63``, ``0 <= step < 2**31``, ``N*L <= 2**32``, ``L <= 1024``."""
-    return random_masking_philox_op(num_samples, num_patches, len_keep, seed, step, torch.device(device))
-
-
 _OUTS = {"ids_keep_ptr": "*i64", "ids_restore_ptr": "*i64", "mask_ptr": "*fp32"}
-_SIG = {"noise_ptr": "*{dtype}", **_OUTS, "num_patches": "i32", "num_keep": "i32",
-        "BLOCK_L": "constexpr", "BLOCK_I": "constexpr"}
-_SIG_PHILOX = {**_OUTS, "seed": "i64", "step": "i32", "num_patches": "i32", "num_keep": "i32",
-               "BLOCK_L": "constexpr", "BLOCK_I": "constexpr"}
+_PHILOX = {**_OUTS, "seed_step_ptr": "*i64"}
 # MAE's 196 (patch 16 at 224 px, patch 14 at 196 px) and 256 (patch 14 at 224 px) patches share
 # BLOCK_L=256, BLOCK_I=16; the 1024-patch limit takes BLOCK_L=1024, BLOCK_I=4. Noise from
-# torch.rand is fp32: "fp32" entries compile that case too (the tool varies only "{dtype}").
+# torch.rand is fp32: the "*fp32" noise entries compile that case too (the tool varies only "{dtype}").
 _MAE = dict(zip(("BLOCK_L", "BLOCK_I"), _blocks(196)))
 _MAX = dict(zip(("BLOCK_L", "BLOCK_I"), _blocks(MAX_PATCHES)))
 AOT_KERNELS = [
-    AotKernel(fn=_random_masking_kernel, signature=_SIG, constexprs=_MAE, label="L196-256"),
-    AotKernel(fn=_random_masking_kernel, signature={**_SIG, "noise_ptr": "*fp32"}, constexprs=_MAE,
+    AotKernel(fn=_random_masking_kernel, overrides=_OUTS, constexprs=_MAE, label="L196-256"),
+    AotKernel(fn=_random_masking_kernel, overrides={**_OUTS, "noise_ptr": "*fp32"}, constexprs=_MAE,
               label="L196-256-fp32"),
-    AotKernel(fn=_random_masking_kernel, signature=_SIG, constexprs=_MAX, label="L1024"),
-    AotKernel(fn=_random_masking_kernel, signature={**_SIG, "noise_ptr": "*fp32"}, constexprs=_MAX,
+    AotKernel(fn=_random_masking_kernel, overrides=_OUTS, constexprs=_MAX, label="L1024"),
+    AotKernel(fn=_random_masking_kernel, overrides={**_OUTS, "noise_ptr": "*fp32"}, constexprs=_MAX,
               label="L1024-fp32"),
-    AotKernel(fn=_random_masking_philox_kernel, signature=_SIG_PHILOX, constexprs=_MAE, label="L196-256"),
-    AotKernel(fn=_random_masking_philox_kernel, signature=_SIG_PHILOX, constexprs=_MAX, label="L1024"),
+    AotKernel(fn=_random_masking_philox_kernel, overrides=_PHILOX, constexprs=_MAE, label="L196-256"),
+    AotKernel(fn=_random_masking_philox_kernel, overrides=_PHILOX, constexprs=_MAX, label="L1024"),
 ]

@@ -41,8 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._common import wrap_triton
-from fastmae.kernels._column_sum import SIGNATURE as COLUMN_SUM_SIGNATURE
+from fastmae.kernels._column_sum import aot_overrides as column_sum_types
 from fastmae.kernels._column_sum import column_sum, column_sum_kernel
 from fastmae.kernels.aot import AotKernel
 
@@ -126,91 +125,58 @@ def _blocks(num_rows: int, dd: int) -> tuple[int, int]:
     return block_r, block_d
 
 
-def out_dtype(x: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor) -> torch.dtype:
-    """The reference's output dtype: ``cat`` promotes x with the mask token, ``+`` with pos."""
-    return torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
-
-
-@torch.library.triton_op("fastmae_triton::unshuffle", mutates_args=())
-def unshuffle_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                 pos_embed: torch.Tensor) -> torch.Tensor:
-    """Contiguous ``x (N, 1+K, Dd)``, ``ids_restore (N, L)``, ``mask_token (1, 1, Dd)``,
-    ``pos_embed (1, L+1, Dd)`` -> ``(N, L+1, Dd)``."""
+def unshuffle(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+              pos_embed: torch.Tensor) -> torch.Tensor:
+    """``fastmae::unshuffle``: ``x (N, 1+K, Dd)``, ``ids_restore (N, L)``, ``mask_token (1, 1, Dd)``,
+    ``pos_embed (1, L+1, Dd)`` -> ``(N, L+1, Dd)`` in the promotion of x's, mask_token's and pos_embed's dtypes."""
+    x, ids_restore = x.contiguous(), ids_restore.contiguous()
+    mask_token, pos_embed = mask_token.contiguous(), pos_embed.contiguous()
     n, s, dd = x.shape
     num_patches = ids_restore.shape[1]
-    out = torch.empty((n, num_patches + 1, dd), dtype=out_dtype(x, mask_token, pos_embed), device=x.device)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
+    out = torch.empty((n, num_patches + 1, dd), dtype=dtype, device=x.device)
     block_r, block_d = _blocks(num_patches + 1, dd)
     grid = (triton.cdiv(num_patches + 1, block_r), triton.cdiv(dd, block_d), n)
-    wrap_triton(_unshuffle_fwd_kernel)[grid](
+    _unshuffle_fwd_kernel[grid](
         x, ids_restore, mask_token, pos_embed, out, s - 1, num_patches, dd, BLOCK_R=block_r, BLOCK_D=block_d)
     return out
 
 
-@torch.library.triton_op("fastmae_triton::unshuffle_backward", mutates_args=())
-def unshuffle_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor, num_keep: int, x_dtype: torch.dtype,
-                          mask_token_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous ``grad (N, L+1, Dd)``, ``ids_restore (N, L)`` -> ``grad_x (N, 1+K, Dd)`` in ``x_dtype``,
-    ``grad_mask_token (1, 1, Dd)`` in ``mask_token_dtype``."""
+def unshuffle_backward(grad: torch.Tensor, ids_restore: torch.Tensor, len_keep: int, x_dtype: torch.dtype,
+                       mask_token_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fastmae::unshuffle_backward``: ``grad (N, L+1, Dd)`` (any strides), ``ids_restore (N, L)`` ->
+    ``grad_x (N, 1+K, Dd)`` in ``x_dtype``, ``grad_mask_token (1, 1, Dd)`` in ``mask_token_dtype``."""
+    grad, ids_restore = grad.contiguous(), ids_restore.contiguous()
     n, rows, dd = grad.shape  # rows = L+1
     block_r, block_d = _blocks(rows, dd)
     row_iters = max(1, CHUNK_ROWS // block_r)
     num_chunks = triton.cdiv(rows, row_iters * block_r)  # C
-    grad_x = torch.empty((n, num_keep + 1, dd), dtype=x_dtype, device=grad.device)
+    grad_x = torch.empty((n, len_keep + 1, dd), dtype=x_dtype, device=grad.device)
     partial = torch.empty((n, num_chunks, dd), dtype=torch.float32, device=grad.device)  # (N, C, Dd)
     grad_tok = torch.empty((1, 1, dd), dtype=mask_token_dtype, device=grad.device)
-    wrap_triton(_unshuffle_bwd_kernel)[(num_chunks, triton.cdiv(dd, block_d), n)](
-        grad, ids_restore, grad_x, partial, num_keep, rows - 1, dd, num_chunks,
+    _unshuffle_bwd_kernel[(num_chunks, triton.cdiv(dd, block_d), n)](
+        grad, ids_restore, grad_x, partial, len_keep, rows - 1, dd, num_chunks,
         BLOCK_R=block_r, BLOCK_D=block_d, ROW_ITERS=row_iters)
     red_block_d = min(triton.next_power_of_2(dd), RED_MAX_BLOCK_D)
     column_sum(partial, grad_tok, n * num_chunks, dd, RED_BLOCK_P, red_block_d)  # (N*C, Dd) -> (Dd,)
     return grad_x, grad_tok
 
 
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
-    x, ids_restore, mask_token, _ = inputs
-    ctx.save_for_backward(ids_restore)
-    ctx.num_keep = x.shape[1] - 1
-    ctx.x_dtype = x.dtype
-    ctx.mask_token_dtype = mask_token.dtype
-
-
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-    (ids_restore,) = ctx.saved_tensors
-    grad_x, grad_tok = unshuffle_backward_op(grad.contiguous(), ids_restore, ctx.num_keep, ctx.x_dtype,
-                                             ctx.mask_token_dtype)
-    return grad_x, None, grad_tok, None  # pos_embed is a fixed table: the dispatch refuses it requiring grad
-
-
-unshuffle_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def unshuffle_triton(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                     pos_embed: torch.Tensor) -> torch.Tensor:
-    """As :func:`fastmae.ops.unshuffle.unshuffle_reference`: ``x (N, 1+K, Dd)``, ``ids_restore (N, L)``,
-    ``mask_token (1, 1, Dd)``, ``pos_embed (1, L+1, Dd)`` -> ``(N, L+1, Dd)``. ``ids_restore`` must be
-    a permutation of ``0..L-1`` for the backward (each kept token's gradient row is written once)."""
-    return unshuffle_op(x.contiguous(), ids_restore.contiguous(), mask_token.contiguous(), pos_embed.contiguous())
-
-
-_SIG_FWD = {"x_ptr": "*{dtype}", "ids_ptr": "*i64", "tok_ptr": "*{dtype}", "pos_ptr": "*{dtype}",
-            "out_ptr": "*{dtype}", "num_keep": "i32", "num_patches": "i32", "dd": "i32",
-            "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
-_SIG_BWD = {"g_ptr": "*{dtype}", "ids_ptr": "*i64", "gx_ptr": "*{dtype}", "partial_ptr": "*fp32",
-            "num_keep": "i32", "num_patches": "i32", "dd": "i32", "num_chunks": "i32",
-            "BLOCK_R": "constexpr", "BLOCK_D": "constexpr", "ROW_ITERS": "constexpr"}
+_IDS = {"ids_ptr": "*i64"}
+_BWD_TYPES = {**_IDS, "partial_ptr": "*fp32"}
 # MAE's 512-wide decoder (L+1 = 197 or 257) gives BLOCK_R=8, BLOCK_D=256, ROW_ITERS=8.
 _FWD_BLOCKS = dict(zip(("BLOCK_R", "BLOCK_D"), _blocks(197, 512)))
 _BWD_BLOCKS = {**_FWD_BLOCKS, "ROW_ITERS": max(1, CHUNK_ROWS // _FWD_BLOCKS["BLOCK_R"])}
-_RED_BLOCKS = {"BLOCK_P": RED_BLOCK_P, "BLOCK_D": RED_MAX_BLOCK_D}
+_RED_BLOCKS = {"BLOCK_P": RED_BLOCK_P, "BLOCK_D": RED_MAX_BLOCK_D, "SLABS": 1}
 # "autocast": bf16/fp16 tokens with the fp32 mask token and pos table -> fp32 output and upstream gradient.
 AOT_KERNELS = [
-    AotKernel(fn=_unshuffle_fwd_kernel, signature=_SIG_FWD, constexprs=_FWD_BLOCKS, label="Dd512"),
+    AotKernel(fn=_unshuffle_fwd_kernel, overrides=_IDS, constexprs=_FWD_BLOCKS, label="Dd512"),
     AotKernel(fn=_unshuffle_fwd_kernel, constexprs=_FWD_BLOCKS, label="Dd512-autocast",
-              signature={**_SIG_FWD, "tok_ptr": "*fp32", "pos_ptr": "*fp32", "out_ptr": "*fp32"}),
-    AotKernel(fn=_unshuffle_bwd_kernel, signature=_SIG_BWD, constexprs=_BWD_BLOCKS, label="Dd512"),
+              overrides={**_IDS, "tok_ptr": "*fp32", "pos_ptr": "*fp32", "out_ptr": "*fp32"}),
+    AotKernel(fn=_unshuffle_bwd_kernel, overrides=_BWD_TYPES, constexprs=_BWD_BLOCKS, label="Dd512"),
     AotKernel(fn=_unshuffle_bwd_kernel, constexprs=_BWD_BLOCKS, label="Dd512-autocast",
-              signature={**_SIG_BWD, "g_ptr": "*fp32"}),
-    AotKernel(fn=column_sum_kernel, signature=COLUMN_SUM_SIGNATURE, constexprs=_RED_BLOCKS, label="Dd512"),
-    AotKernel(fn=column_sum_kernel, signature={**COLUMN_SUM_SIGNATURE, "out_ptr": "*fp32"},
+              overrides={**_BWD_TYPES, "g_ptr": "*fp32"}),
+    AotKernel(fn=column_sum_kernel, overrides=column_sum_types(), constexprs=_RED_BLOCKS, label="Dd512"),
+    AotKernel(fn=column_sum_kernel, overrides=column_sum_types("*fp32"),
               constexprs=_RED_BLOCKS, label="Dd512-autocast"),
 ]

@@ -1,6 +1,6 @@
 """Shared test setup. Without a GPU the Triton kernels run in the interpreter: TRITON_INTERPRET=1 is
 set here, before any kernel is defined (and the interpreter of Triton < 3.7 is fixed for numpy >= 2.4).
-Also: ``tests/`` on the import path, the gpu marker."""
+Also: ``tests/`` on the import path (and the checkout's root off it), the gpu marker."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# `python -m pytest` in the checkout puts its root on the path, where the top-level kernels/ folder (installed as
+# fastmae.kernels) would shadow the PyPI package `kernels` that transformers imports: tests use the installed package
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 
 def _interpreter_loops_run() -> bool:

@@ -7,76 +7,82 @@ import importlib.util
 import os
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from fastmae.benchmark import baselines
+from fastmae.benchmark.baselines import steps as baseline_steps
 from fastmae.benchmark.peak import mfu, spec_tflops
-from fastmae.benchmark.registry import default_baselines_dir, load_builders
+from fastmae.benchmark.registry import BASELINE_IMPLS, CPU_DEFAULT_IMPLS, load_builders, unavailable_reason
+from fastmae.benchmark.report import best_baselines, format_table, speedups
 from fastmae.benchmark.results import COLUMNS, CPU_ONLY_EMPTY, read_rows, upsert_rows
-from fastmae.benchmark.run import Attempt, BenchConfig, RunContext, _row, _train_flops, run_bench
+from fastmae.benchmark.run import (
+    CPU_DEFAULTS,
+    DEFAULT_RESULTS_DIR,
+    GPU_DEFAULTS,
+    Attempt,
+    BenchConfig,
+    RunContext,
+    _row,
+    _train_flops,
+    bench_defaults,
+    run_bench,
+)
 from fastmae.benchmark.timing import Timing
+from fastmae.benchmark.train_step import TrainStep, build_fastmae_step
 from fastmae.cli import main
 from fastmae.flops import mae_flops
 from fastmae.model import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "mae_vit_tiny_patch16"
-
-# Stand-in baselines: official runs out of memory above batch 2, modern always, hf fails otherwise.
-FAKE_STEPS = '''
-import torch
-from fastmae.benchmark.train_step import build_fastmae_step
+Run = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _with_run(impl, step, run):
-    step.impl, step.run = impl, run
-    return step
-
-
-def _oom(imgs):
+def _oom(imgs: torch.Tensor) -> torch.Tensor:
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
 
 
-def build_official_step(model_name, batch_size, img_size, device):
-    step = build_fastmae_step("fastmae", model_name, batch_size, img_size, device)
-    return _with_run("official", step, _oom if batch_size > 2 else step.run)
+def _fake(impl: str, run_for_batch: Callable[[int, Run], Run]) -> Callable[..., TrainStep]:
+    """A stand-in baseline builder: fastmae's eager step relabelled ``impl``, running ``run_for_batch(batch, run)``."""
+    def build(model_name: str, batch_size: int, img_size: int, device: torch.device) -> TrainStep:
+        step = build_fastmae_step("fastmae", model_name, batch_size, img_size, device)
+        step.impl, step.run = impl, run_for_batch(batch_size, step.run)
+        return step
+
+    return build
 
 
-def build_modern_step(model_name, batch_size, img_size, device):
-    return _with_run("modern", build_fastmae_step("fastmae", model_name, batch_size, img_size, device), _oom)
+def _fail(imgs: torch.Tensor) -> torch.Tensor:
+    raise ValueError("simulated failure\nsecond line")
 
 
-def build_hf_step(model_name, batch_size, img_size, device):
-    def fail(imgs):
-        raise ValueError("simulated failure\\nsecond line")
-    return _with_run("hf", build_fastmae_step("fastmae", model_name, batch_size, img_size, device), fail)
-'''
+@pytest.fixture
+def fake_baselines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stand-in baselines: official runs out of memory above batch 2, modern always, hf fails otherwise."""
+    monkeypatch.setitem(baseline_steps.BUILDERS, "official", _fake("official", lambda b, run: _oom if b > 2 else run))
+    monkeypatch.setitem(baseline_steps.BUILDERS, "modern", _fake("modern", lambda b, run: _oom))
+    monkeypatch.setitem(baseline_steps.BUILDERS, "hf", _fake("hf", lambda b, run: _fail))
+    monkeypatch.setattr(baseline_steps, "NEEDS_TRANSFORMERS", ())  # the fake hf runs without transformers
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny steps on a shared 2-core machine: more threads only oversubscribe; sys.path restored after."""
+def one_thread() -> None:
+    """Tiny steps on a shared 2-core machine: more threads only oversubscribe."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setattr(sys, "path", list(sys.path))
     yield
     torch.set_num_threads(threads)
 
 
-def fake_baselines(tmp_path: Path, package: str) -> Path:
-    folder = tmp_path / package / "baselines"  # a package name of its own per test (modules are cached)
-    folder.mkdir(parents=True)
-    (folder / "steps.py").write_text(FAKE_STEPS)
-    return folder
-
-
+@pytest.mark.usefixtures("fake_baselines")
 def test_cli_end_to_end_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    baselines = fake_baselines(tmp_path, "fakebench_e2e")
     code = main(["bench", "--models", TINY, "--impls", "fastmae,hf,modern,official,fastmae-reference,fastmae-cudagraph",
                  "--batch-size", "4", "--img-size", "64", "--steps", "2", "--warmup", "1", "--device", "cpu",
-                 "--results-dir", str(tmp_path / "results"), "--baselines", str(baselines)])
+                 "--results-dir", str(tmp_path / "results")])
     out = capsys.readouterr().out
     assert code == 1, out  # the hf row failed
     rows = {r["impl"]: r for r in read_rows(tmp_path / "results" / "cpu.csv")}
@@ -100,10 +106,12 @@ def test_cli_end_to_end_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert (rows["official"]["status"], rows["official"]["batch"], rows["official"]["batch_used"]) == ("ok", "4", "2")
     assert (rows["modern"]["status"], rows["modern"]["batch_used"], rows["modern"]["img_per_s"]) == ("oom", "2", "")
     assert rows["hf"]["status"] == "error: ValueError: simulated failure | second line"
-    assert "skipped: StepUnavailable: fastmae-cudagraph: CUDA graphs need a CUDA device" in out
+    assert "skipped: fastmae-cudagraph: CUDA graphs need a CUDA device, got cpu" in out
+    assert "fastmae bench: no CUDA device" not in out  # every default-able flag was given: no CPU-defaults note
     fastmae_line = next(line for line in out.splitlines() if line.startswith(TINY) and " fastmae " in line)
     speedup = float(row["img_per_s"]) / float(rows["official"]["img_per_s"])
-    assert f"{speedup:.2f}x" in fastmae_line  # the speed-up over official, measured in the same run
+    assert fastmae_line.count(f"{speedup:.2f}x") == 2  # over official, which is also the best baseline (modern oom)
+    assert f"best baseline for {TINY} synthetic 64px: official" in out
 
 
 def test_loader_input_and_time_budget(tmp_path: Path) -> None:
@@ -112,7 +120,7 @@ def test_loader_input_and_time_budget(tmp_path: Path) -> None:
     data = demo_dataset(tmp_path / "cache", crops_per_photo=1, size=64)  # 9 JPEGs
     cfg = BenchConfig(models=(TINY,), impls=("fastmae",), batch_sizes=(3,), img_size=64, steps=1, warmup=1,
                       inputs=("loader",), results_dir=tmp_path / "results", device="cpu", data_dir=data,
-                      loader_workers=0, baselines_dir=None)
+                      loader_workers=0)
     rows, csv_path = run_bench(cfg, log=lambda line: None)
     assert [(r["input"], r["status"]) for r in rows] == [("loader", "ok")]
     assert read_rows(csv_path)[0]["input"] == "loader"
@@ -206,28 +214,107 @@ def test_compare_flags_a_regression(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_unknown_names_are_value_errors(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match="unknown impl.*'fastmea'"):
-        BenchConfig(models=(TINY,), impls=("fastmea",), baselines_dir=None)
+        BenchConfig(models=(TINY,), impls=("fastmea",))
     with pytest.raises(ValueError, match="unknown model 'mae_vit_giant'"):
-        BenchConfig(models=("mae_vit_giant",), baselines_dir=None)
+        BenchConfig(models=("mae_vit_giant",))
     with pytest.raises(ValueError, match="unknown input mode"):
-        BenchConfig(models=(TINY,), inputs=("dali",), baselines_dir=None)
+        BenchConfig(models=(TINY,), inputs=("dali",))
     with pytest.raises(ValueError, match="one per model"):
-        BenchConfig(models=(TINY,), batch_sizes=(4, 8), baselines_dir=None)
+        BenchConfig(models=(TINY,), batch_sizes=(4, 8))
+    with pytest.raises(ValueError, match="device must be cuda, cuda:N or cpu, got 'mps'"):
+        BenchConfig(models=(TINY,), device="mps")
+    with pytest.raises(TypeError, match="device must be a str, a torch.device or None, got int"):
+        BenchConfig(models=(TINY,), device=0)
     assert main(["bench", "--models", TINY, "--impls", "nope", "--device", "cpu"]) == 2
     assert "unknown impl(s) ['nope']" in capsys.readouterr().err
 
 
-def test_baseline_builders_found_or_skipped_with_the_reason(tmp_path: Path) -> None:
-    assert default_baselines_dir() == ROOT / "bench" / "baselines"  # this checkout's, beside the package
-    builders = load_builders(("fastmae", "official", "hf"), None)
-    assert set(builders.builders) == {"fastmae"}
-    assert "no bench/baselines folder" in builders.unavailable["official"]
-    partial_dir = tmp_path / "fakebench_partial" / "baselines"
-    partial_dir.mkdir(parents=True)
-    (partial_dir / "steps.py").write_text("def build_official_step(*args):\n    raise RuntimeError('unused')\n")
-    builders = load_builders(("official", "hf"), partial_dir)
-    assert set(builders.builders) == {"official"}
-    assert "defines no build_hf_step" in builders.unavailable["hf"]
+def test_baseline_builders_come_from_the_package_or_are_skipped_with_the_reason(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baselines are in fastmae.benchmark.baselines; what cannot run on a CPU is skipped, with why."""
+    assert Path(baselines.__file__).parent == ROOT / "fastmae" / "benchmark" / "baselines"
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if transformers were not installed
+    cpu = torch.device("cpu")
+    builders = load_builders(("fastmae", "official", "modern", "modern-cudagraph", "hf", "hf-compile",
+                              "fastmae-compile-cudagraph"), cpu)
+    assert set(builders.builders) == {"fastmae", "official", "modern"}
+    assert builders.builders["fastmae"].func is build_fastmae_step and builders.builders["fastmae"].args == ("fastmae",)
+    assert builders.builders["official"] is baseline_steps.build_official_step
+    assert builders.builders["modern"] is baseline_steps.BUILDERS["modern"]
+    assert builders.unavailable == {
+        "modern-cudagraph": "modern-cudagraph: CUDA graphs need a CUDA device, got cpu",
+        "hf": "hf: transformers is not installed (pip install transformers)",
+        "hf-compile": "hf-compile: transformers is not installed (pip install transformers)",
+        "fastmae-compile-cudagraph": "fastmae-compile-cudagraph: CUDA graphs need a CUDA device, got cpu",
+    }
+    with pytest.raises(ValueError, match=r"unknown impl\(s\) \['nope'\]"):
+        unavailable_reason("nope", cpu)
+
+
+def test_cpu_defaults_results_in_the_current_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without CUDA and without --models/--impls/--batch-size: the tiny preset, batch 8, the implementations
+    that run on a CPU, a note saying so; the CSV goes to ./bench-results of the current directory, never
+    into the source tree."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    monkeypatch.chdir(tmp_path)
+    committed = ROOT / "bench" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} if committed.is_dir() else {}
+    cfg = BenchConfig()
+    expected_impls = tuple(i for i in CPU_DEFAULT_IMPLS if unavailable_reason(i, torch.device("cpu")) is None)
+    assert (cfg.device, cfg.models, cfg.batch_sizes, cfg.steps, cfg.warmup, cfg.impls) == (
+        torch.device("cpu"), (TINY,), (8,), 3, 1, expected_impls)
+    assert set(cfg.defaults_used) == {"models", "impls", "batch_sizes", "steps", "warmup"}
+    assert {"fastmae", "fastmae-reference", "official", "modern"} <= set(expected_impls)
+    assert not {"fastmae-compile", "hf-compile", "modern-cudagraph", "fastmae-cudagraph"} & set(expected_impls)
+
+    assert main(["bench", "--steps", "1", "--warmup", "0", "--img-size", "64"]) == 0  # kept fast: 1 step, 64 px
+    out = capsys.readouterr().out
+    note = next(line for line in out.splitlines() if line.startswith("fastmae bench: no CUDA device"))
+    assert f"--models {TINY} --impls {','.join(expected_impls)} --batch-size 8." in note
+    assert "--steps" not in note.split("On a CUDA device")[0]  # given on the command line: not a default
+    assert f"--models {','.join(GPU_DEFAULTS.models)} --batch-size 256" in note
+    assert not DEFAULT_RESULTS_DIR.is_absolute()
+    rows = read_rows(tmp_path / "bench-results" / "cpu.csv")
+    assert [(r["impl"], r["model"], r["batch"], r["status"]) for r in rows] == [
+        (impl, TINY, "8", "ok") for impl in expected_impls]
+    after = {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} if committed.is_dir() else {}
+    assert after == before  # bench/results (the committed GPU results) untouched
+
+
+def test_gpu_defaults_are_the_full_set() -> None:
+    """On CUDA: ViT-B/L/H at batch 256 and every baseline, the compiled and CUDA-graphed ones included."""
+    assert bench_defaults(torch.device("cuda")) == GPU_DEFAULTS
+    assert (GPU_DEFAULTS.models, GPU_DEFAULTS.batch_size) == (
+        ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"), 256)
+    assert set(BASELINE_IMPLS) == {"official", "modern", "modern-cudagraph", "hf", "hf-compile"}
+    assert set(BASELINE_IMPLS) <= set(GPU_DEFAULTS.impls)
+    assert {"fastmae", "fastmae-compile", "fastmae-cudagraph"} <= set(GPU_DEFAULTS.impls)
+    assert CPU_DEFAULTS.models == (TINY,) and CPU_DEFAULTS.batch_size == 8
+
+
+def _speed_row(impl: str, img_per_s: float | None, model: str = "mae_vit_large_patch16",
+               status: str = "ok") -> dict[str, object]:
+    return {"impl": impl, "model": model, "input": "synthetic", "img_size": 224, "batch": 256,
+            "img_per_s": None if img_per_s is None else f"{img_per_s:.1f}", "status": status}
+
+
+@pytest.mark.parametrize("best", ["modern-cudagraph", "hf-compile", "hf"])
+def test_ratio_is_against_the_best_baseline_whichever_it_is(best: str) -> None:
+    """The "x best baseline" column divides by the fastest ok baseline row of the same model, input and
+    size; fastmae's own rows, failed rows and other models never count as the baseline."""
+    speeds = {"official": 1000.0, "modern": 2000.0, "modern-cudagraph": 2100.0, "hf": 1500.0, "hf-compile": 1900.0}
+    speeds[best] = 2500.0
+    rows = [_speed_row(impl, speed) for impl, speed in speeds.items()]
+    rows += [_speed_row("fastmae-cudagraph", 3000.0), _speed_row("fastmae", 9000.0, status="error: boom"),
+             _speed_row("modern", 4000.0, status="oom"), _speed_row("hf", 5000.0, model="mae_vit_base_patch16")]
+    assert best_baselines(rows)[("mae_vit_large_patch16", "synthetic", "224")]["impl"] == best
+    ratios = dict(zip((r["impl"] for r in rows[:6]), speedups(rows)[:6]))
+    assert ratios["fastmae-cudagraph"] == {"official": 3.0, "best baseline": 1.2}
+    assert ratios[best] == {"official": 2.5, "best baseline": 1.0}
+    table = format_table(rows)
+    assert f"best baseline for mae_vit_large_patch16 synthetic 224px: {best} (2500.0 img/s)" in table
+    assert "best baseline for mae_vit_base_patch16 synthetic 224px: hf (5000.0 img/s)" in table
 
 
 def test_mfu_arithmetic_and_the_flop_count() -> None:
@@ -239,7 +326,7 @@ def test_mfu_arithmetic_and_the_flop_count() -> None:
     assert mfu(expected, 3200.0, None) is None
     ctx = RunContext(torch.device("cuda"), "NVIDIA H100 80GB HBM3", Path("x.csv"), 800.0, 989.0,
                      {"torch": "t", "triton": "t", "cuda": "c", "git_rev": "g"})
-    cfg = BenchConfig(models=("mae_vit_large_patch16",), impls=("fastmae",), baselines_dir=None)
+    cfg = BenchConfig(models=("mae_vit_large_patch16",), impls=("fastmae",), device="cpu")
     timing = Timing(batch_size=256, steps=10, seconds=0.8, warmup_seconds=1.0, peak_mem_bytes=3 * 2**30, loss=0.5)
     attempt = Attempt("ok", {"dtype": "bf16", "compile": False, "cuda_graph": True}, timing, setup_s=2.0)
     row = _row(ctx, cfg, "fastmae-cudagraph", "mae_vit_large_patch16", "synthetic", 256, attempt, expected)
@@ -273,7 +360,7 @@ def test_plot_script_writes_pngs(tmp_path: Path) -> None:
 def test_fastmae_variants_on_gpu(tmp_path: Path) -> None:
     """Eager, CUDA-graph and reference fastmae steps on CUDA: every column filled, MFU and memory plausible."""
     cfg = BenchConfig(models=(TINY,), impls=("fastmae", "fastmae-cudagraph", "fastmae-reference"), batch_sizes=(16,),
-                      img_size=64, steps=5, warmup=3, results_dir=tmp_path, device="cuda", baselines_dir=None)
+                      img_size=64, steps=5, warmup=3, results_dir=tmp_path, device="cuda")
     rows, csv_path = run_bench(cfg, log=lambda line: None)
     assert [r["status"] for r in rows] == ["ok"] * 3, rows
     for row in read_rows(csv_path):
@@ -282,10 +369,12 @@ def test_fastmae_variants_on_gpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_graph_step_updates_the_weights_on_every_replay() -> None:
-    from fastmae.benchmark.train_step import build_fastmae_step
-
-    step = build_fastmae_step("fastmae-cudagraph", TINY, 8, 64, torch.device("cuda"))
+@pytest.mark.parametrize("impl", ["fastmae-cudagraph", "modern-cudagraph"])
+def test_cuda_graph_step_updates_the_weights_on_every_replay(impl: str) -> None:
+    """One CUDA graph per step (modern-cudagraph compiled too): each replay draws a new mask and moves the weights."""
+    builders = load_builders((impl,), torch.device("cuda"))
+    step = builders.builders[impl](TINY, 8, 64, torch.device("cuda"))
+    assert (step.dtype, step.cuda_graph) == ("bf16", True)
     imgs = torch.randn(8, 3, 64, 64, device="cuda")
     weight = step.model.blocks[0].attn.qkv.weight
     losses, before = [], weight.detach().clone()

@@ -68,17 +68,38 @@ def test_each_kind_of_file_is_judged(bad_tree: tuple[Path, list[Path], list[Path
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_default_stops_at_the_first_bad_file(bad_tree: tuple[Path, list[Path], list[Path]], backend: str) -> None:
-    root, _, bad = bad_tree
-    with pytest.raises(BadImageError, match=f"bad image file '{bad[0]}'"):
+def test_default_stops_naming_every_bad_file(bad_tree: tuple[Path, list[Path], list[Path]], backend: str) -> None:
+    root, good, bad = bad_tree
+    total = GOOD_SOLID + len(good) + len(bad)
+    with pytest.raises(BadImageError) as caught:
         pretrain_loader(root, 8, img_size=32, backend=backend, device="cpu")
+    first, *listed = str(caught.value).splitlines()
+    assert first == (f"{len(bad)} bad image files of {total} in '{root}' (--on-bad-file skip (on_bad_file='skip') "
+                     "leaves bad files out):")
+    assert [line.split(": ")[0] for line in listed] == [f"  '{path}'" for path in bad]  # all of them, sorted
+    assert listed[bad.index(root / "bad" / "empty.jpg")].endswith(": empty file")
+
+
+def test_a_long_list_of_bad_files_is_cut_after_twenty(tmp_path: Path) -> None:
+    for i in range(23):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(b"")
+    with pytest.raises(BadImageError) as caught:
+        scan_images(tmp_path)
+    first, *listed = str(caught.value).splitlines()
+    assert first.startswith("23 bad image files of 23 in ")
+    assert len(listed) == 21 and listed[19] == f"  '{tmp_path / '19.jpg'}': empty file"
+    assert listed[-1] == "  and 3 more"
 
 
 def test_too_many_bad_files_stop_the_run(bad_tree: tuple[Path, list[Path], list[Path]]) -> None:
     root, good, bad = bad_tree
     total = GOOD_SOLID + len(good) + len(bad)
-    with pytest.raises(BadImageError, match=rf"{len(bad)} of {total} image files .* are bad .*max_skip_fraction=0.01"):
+    with pytest.raises(BadImageError) as caught:
         scan_images(root, on_bad_file="skip")
+    first, *listed = str(caught.value).splitlines()
+    assert first == (f"{len(bad)} of {total} image files of '{root}' are bad ({100 * len(bad) / total:.2f}%), more "
+                     "than the 0.01 that --max-skip-fraction (max_skip_fraction) allows: is this the right dataset?")
+    assert [line.split(": ")[0] for line in listed] == [f"  '{path}'" for path in bad]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

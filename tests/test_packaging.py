@@ -57,7 +57,7 @@ def test_extension_builds_where_it_can() -> None:
         pytest.skip("FASTMAE_BUILD_CUDA=0 skips building fastmae._C")
     loaded, detail = extension_status()
     assert loaded, detail
-    cuda_version, *archs = torch.ops.fastmae.build_info()
+    cuda_version, *archs = torch.ops.fastmae_C.build_info()
     release = re.search(r"release (\d+)\.(\d+)", subprocess.run([nvcc, "--version"], capture_output=True,
                                                                  text=True).stdout)
     assert cuda_version == int(release[1]) * 1000 + int(release[2]) * 10, (cuda_version, release[0])

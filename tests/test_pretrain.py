@@ -1,5 +1,6 @@
 """fastmae pretrain: outputs, resume, atomic checkpoints, the command line."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from fastmae.train.checkpoint import list_checkpoints, load_latest_checkpoint, s
 import fastmae.train.pretrain as pretrain_module
 from fastmae.cli import main
 from fastmae.train.config import PretrainConfig
+from fastmae.train.hooks import TrainHooks
 from fastmae.train.pretrain import pretrain
 
 
@@ -81,7 +83,9 @@ def test_half_written_and_damaged_checkpoints_are_ignored(tmp_path: Path) -> Non
 def test_defaults_paper_with_data_demo_without() -> None:
     paper, demo = PretrainConfig(data="/data/imagenet"), PretrainConfig()
     assert (paper.model, paper.img_size, paper.blr, paper.norm_pix_loss) == ("mae_vit_base_patch16", 224, 1.5e-4, True)
-    assert (demo.model, demo.img_size, demo.norm_pix_loss) == ("mae_vit_tiny_patch16", 96, False)
+    assert (demo.model, demo.img_size, demo.batch_size, demo.norm_pix_loss) == ("mae_vit_demo_patch8_dec128d2b", 64,
+                                                                              32, False)
+    assert paper.batch_size == 64
     assert PretrainConfig(steps=10).epochs is None and PretrainConfig(data="d", blr=1e-3).blr == 1e-3
 
 
@@ -99,7 +103,7 @@ def test_config_validation() -> None:
 
 
 def test_config_types_are_checked_naming_key_type_and_value(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    for values, message in [({"batch_size": "8"}, "config key batch_size must be int, got '8' (str)"),
+    for values, message in [({"batch_size": "8"}, "config key batch_size must be int or None, got '8' (str)"),
                             ({"steps": True}, "config key steps must be int or None, got True (bool)"),
                             ({"norm_pix_loss": 1}, "config key norm_pix_loss must be bool or None, got 1 (int)"),
                             ({"clip_grad": "1.0"}, "config key clip_grad must be float or None, got '1.0' (str)"),
@@ -111,7 +115,7 @@ def test_config_types_are_checked_naming_key_type_and_value(tmp_path: Path, caps
     config = tmp_path / "cfg.toml"
     config.write_text('batch_size = "8"\n')
     assert main(["pretrain", "--config", str(config)]) == 2
-    assert "config key batch_size must be int, got '8' (str)" in capsys.readouterr().err
+    assert "config key batch_size must be int or None, got '8' (str)" in capsys.readouterr().err
 
 
 class _LoaderCalled(Exception):
@@ -178,3 +182,41 @@ def test_cli_info_lists_every_op_and_backend() -> None:
         assert op in result.stdout
     assert "fastmae._C:" in result.stdout and "reference  available" in result.stdout
     assert "by priority in bf16/fp16 at S <= 257 and head dim <= 80 only" in result.stdout  # attention's auto_when
+
+
+class _RecordingHooks(TrainHooks):
+    """Records each call; the loss of step 3 becomes NaN."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.calls: list[tuple[str, int]] = []
+
+    def before_step(self, step: int) -> None:
+        self.calls.append(("before_step", step))
+
+    def on_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        self.calls.append(("on_loss", step))
+        return loss * float("nan") if step == 3 else loss
+
+    def before_commit(self, step: int) -> None:
+        self.calls.append(("before_commit", step))
+        assert not (self.out / "checkpoints" / f"ckpt-{step:08d}.pt").exists()  # not yet renamed into place
+
+    def after_save(self, step: int) -> None:
+        self.calls.append(("after_save", step))
+        assert (self.out / "checkpoints" / f"ckpt-{step:08d}.pt").is_file()
+
+
+def test_hooks_are_called_in_order_and_can_change_the_loss(tmp_path: Path, demo_root: Path) -> None:
+    cfg = dataclasses.replace(_cfg(tmp_path / "run", demo_root, 4), accum=2, batch_size=4)
+    hooks = _RecordingHooks(tmp_path / "run")
+    summary = pretrain(cfg, progress=False, hooks=hooks)
+    assert summary.steps == 4 and summary.skipped_steps == 1  # step 3's NaN loss: skipped, counted
+    def per_step(s: int) -> list[tuple[str, int]]:
+        return [("before_step", s), ("on_loss", s), ("on_loss", s)]  # two accumulated passes per step
+
+    saved = [("before_commit", 2), ("after_save", 2)]
+    assert hooks.calls == [*[c for s in (1, 2) for c in per_step(s)], *saved,
+                           *[c for s in (3, 4) for c in per_step(s)], ("before_commit", 4), ("after_save", 4)]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [0, 1]

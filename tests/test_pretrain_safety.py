@@ -18,7 +18,8 @@ from torch.distributed.checkpoint.metadata import Metadata
 from fastmae.train.checkpoint import (COMMIT_MARKER, NoLoadableCheckpointError, list_checkpoints,
                                       load_latest_checkpoint, prune_checkpoints, save_checkpoint)
 from fastmae.train.distributed import Ranks
-from fastmae.train.faults import faults
+from fastmae.train.faults import FaultHooks, fault_hooks, faults
+from fastmae.train.hooks import TrainHooks
 from fastmae.train.nonfinite import NonFiniteError, NonFiniteGuard, optimizer_step, skip_syncs_host
 from fastmae.train.run_log import RunLog
 from fastmae.train.sharded import SafeFileSystemReader, _app_state, load_sharded, save_sharded
@@ -203,4 +204,18 @@ def test_fault_specs_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FASTMAE_FAULT", "explode@3")
     with pytest.raises(ValueError, match="KIND@STEP"):
         faults()
+    faults.cache_clear()
+
+
+def test_fault_hooks_only_with_faults_and_only_on_their_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    faults.cache_clear()
+    monkeypatch.delenv("FASTMAE_FAULT", raising=False)
+    assert type(fault_hooks(0)) is TrainHooks  # unset: the no-op hooks
+    faults.cache_clear()
+    monkeypatch.setenv("FASTMAE_FAULT", "nan@3:1")
+    hooks = fault_hooks(1)
+    assert isinstance(hooks, FaultHooks)
+    one = torch.tensor(1.0)
+    assert hooks.on_loss(one, 2) is one and torch.isnan(hooks.on_loss(one, 3)) and torch.isnan(hooks.on_loss(one, 9))
+    assert fault_hooks(0).on_loss(one, 3) is one  # another rank
     faults.cache_clear()

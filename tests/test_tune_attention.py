@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmae.kernels import attention as kernels
+from fastmae.kernels.attention import attention
+from fastmae.kernels.attention_plan import AttentionPlan, default_plan
+from fastmae.kernels.attention_tuning import tuning_plans
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 SHAPE = (1, 17, 1, 32)  # (N, S, H, Dh): one small tile, every plan runs in a fraction of a second
@@ -29,10 +31,10 @@ def tune(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 -- the bench script a
     return tune_attention
 
 
-def _fake_clock(tune, monkeypatch: pytest.MonkeyPatch, cost: Callable[[str, kernels.AttentionPlan], float]) -> None:  # noqa: ANN001
+def _fake_clock(tune, monkeypatch: pytest.MonkeyPatch, cost: Callable[[str, AttentionPlan], float]) -> None:  # noqa: ANN001
     """``gpu_seconds`` = the summed ``cost`` of the launches a step makes (100 s for a step with none: SDPA)."""
-    used: list[tuple[str, kernels.AttentionPlan]] = []
-    forward, backward = tune.attention_forward, tune.attention_backward
+    used: list[tuple[str, AttentionPlan]] = []
+    forward, backward = tune.attention, tune.attention_backward
 
     def record_forward(qkv, h, plan):  # noqa: ANN001, ANN202
         used.append(("forward", plan))
@@ -47,12 +49,12 @@ def _fake_clock(tune, monkeypatch: pytest.MonkeyPatch, cost: Callable[[str, kern
         step()
         return (sum(cost(kind, plan) for kind, plan in used) if used else 100.0), True
 
-    monkeypatch.setattr(tune, "attention_forward", record_forward)
+    monkeypatch.setattr(tune, "attention", record_forward)
     monkeypatch.setattr(tune, "attention_backward", record_backward)
     monkeypatch.setattr(tune, "gpu_seconds", gpu_seconds)
 
 
-def _cost(kind: str, plan: kernels.AttentionPlan) -> float:
+def _cost(kind: str, plan: AttentionPlan) -> float:
     """Fastest forward: 32 rows on 8 warps, the whole K/V; the split backward is fastest with dK/dV B16 T32 w8 and
     dQ B32 T64 w4."""
     if kind == "forward":
@@ -73,18 +75,18 @@ def test_tuned_plan_takes_the_fastest_parts(tune, monkeypatch: pytest.MonkeyPatc
     rows: list[dict] = []
     result = tune.tune_shape(tune.ShapeTuner("tiny", SHAPE, rows.append, torch.float32, "cpu"))
     s, dh = SHAPE[1], SHAPE[3]
-    want = replace(kernels.default_plan(s, dh), fwd_block_m=32, fwd_warps=8, fwd_loop=0, bwd_fused=False, dkdv_block=16,
+    want = replace(default_plan(s, dh), fwd_block_m=32, fwd_warps=8, fwd_loop=0, bwd_fused=False, dkdv_block=16,
                    dkdv_step=32, dkdv_warps=8, dq_block=32, dq_step=64, dq_warps=4)
     assert result["tuned"] == want
     assert result["times"]["tuned"] == pytest.approx(1e6 * 2.0)  # 1 s forward + 1 s backward
-    alternatives = sum(len(plans) for plans in kernels.tuning_plans(s, dh).values())
+    alternatives = sum(len(plans) for plans in tuning_plans(s, dh).values())
     timed = [r for r in rows if r["part"] in ("forward", "fused backward", "dkdv", "dq")]
     assert len(timed) == alternatives and all("gpu_us" in r and "error" not in r for r in timed)
     assert {r["plan"] for r in rows if r["part"] == "fwd+bwd"} >= {"tuned: " + tune.plan_label(want)}
 
 
 def test_failing_or_wrong_plans_are_rows_never_choices(tune, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    forward = kernels.attention_forward
+    forward = attention
 
     def flaky_forward(qkv, h, plan):  # noqa: ANN001, ANN202
         if plan.fwd_block_m == 32 and plan.fwd_warps == 8:
@@ -92,7 +94,7 @@ def test_failing_or_wrong_plans_are_rows_never_choices(tune, monkeypatch: pytest
         out, lse = forward(qkv, h, plan)
         return (out * 1.1 if plan.fwd_block_m == 16 else out), lse  # 16 rows: a wrong answer
 
-    monkeypatch.setattr(tune, "attention_forward", flaky_forward)
+    monkeypatch.setattr(tune, "attention", flaky_forward)
     _fake_clock(tune, monkeypatch, lambda kind, plan: 0.5 if kind == "forward" and plan.fwd_block_m == 16 else 1.0)
     rows: list[dict] = []
     result = tune.tune_shape(tune.ShapeTuner("tiny", SHAPE, rows.append, torch.float32, "cpu"))
@@ -127,13 +129,13 @@ def test_main_writes_the_csv_and_refuses_without_a_gpu(tune, monkeypatch: pytest
 
 def test_a_plan_with_nan_results_is_an_error_row(tune, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     """NaN in a result compares False with any bound: it must still count as disagreeing, never be timed."""
-    forward = kernels.attention_forward
+    forward = attention
 
     def nan_forward(qkv, h, plan):  # noqa: ANN001, ANN202
         out, lse = forward(qkv, h, plan)
         return (out.clone().fill_(float("nan")) if plan.fwd_block_m == 16 else out), lse
 
-    monkeypatch.setattr(tune, "attention_forward", nan_forward)
+    monkeypatch.setattr(tune, "attention", nan_forward)
     _fake_clock(tune, monkeypatch, lambda kind, plan: 0.5 if kind == "forward" and plan.fwd_block_m == 16 else 1.0)
     rows: list[dict] = []
     result = tune.tune_shape(tune.ShapeTuner("tiny", SHAPE, rows.append, torch.float32, "cpu"))
@@ -149,7 +151,7 @@ def test_warm_up_runs_every_alternative_in_workers_and_reports_failures(tune, mo
     monkeypatch.setitem(tune.SHAPES, "tiny", SHAPE)
     failed = tune.warm_up(["tiny"], 2, "cpu", "float32")
     assert failed == {"tiny": {}}  # every tiling runs
-    bad = kernels.tuning_plans(SHAPE[1], SHAPE[3])["dq"][0]
+    bad = tuning_plans(SHAPE[1], SHAPE[3])["dq"][0]
     _fake_clock(tune, monkeypatch, _cost)
     rows: list[dict] = []
     tune.tune_shape(tune.ShapeTuner("tiny", SHAPE, rows.append, torch.float32, "cpu"),
@@ -169,7 +171,7 @@ def test_warm_part_reports_each_failing_plan(tune, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(tune, "attention_backward", flaky)
     failed = tune.warm_part("tiny", SHAPE, "dq", "cpu", "float32")
-    want = {tune.plan_label(p) for p in kernels.tuning_plans(SHAPE[1], SHAPE[3])["dq"] if p.dq_block == 64}
+    want = {tune.plan_label(p) for p in tuning_plans(SHAPE[1], SHAPE[3])["dq"] if p.dq_block == 64}
     assert set(failed) == want and all("PTXAS error (simulated)" in e for e in failed.values())
 
 
@@ -184,6 +186,6 @@ def test_default_plan_is_the_measured_tuned_plan(tune) -> None:  # noqa: ANN001
         fwd_bwd = {r["plan"]: r for r in rows if r["case"] == case and r["part"] == "fwd+bwd"}
         [tuned] = [label for label in fwd_bwd if label.startswith("tuned: ")]
         seq, head_dim = int(fwd_bwd[tuned]["seq"]), int(fwd_bwd[tuned]["head_dim"])
-        assert tuned == "tuned: " + tune.plan_label(kernels.default_plan(seq, head_dim)), case
+        assert tuned == "tuned: " + tune.plan_label(default_plan(seq, head_dim)), case
         sdpa = [float(r["gpu_us"]) for label, r in fwd_bwd.items() if label.startswith("torch-") and r["gpu_us"]]
         assert sdpa and float(fwd_bwd[tuned]["gpu_us"]) < min(sdpa), case

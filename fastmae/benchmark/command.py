@@ -7,30 +7,42 @@ import sys
 from pathlib import Path
 
 from fastmae.benchmark.inputs import INPUT_MODES
-from fastmae.benchmark.registry import ALL_IMPLS, DEFAULT_IMPLS, default_baselines_dir
+from fastmae.benchmark.registry import ALL_IMPLS
 from fastmae.benchmark.report import format_table
 from fastmae.benchmark.results import REGRESSION_THRESHOLD, compare_rows, format_comparisons, read_rows
-from fastmae.benchmark.run import DEFAULT_BATCH, DEFAULT_MODELS, BenchConfig, run_bench
+from fastmae.benchmark.run import CPU_DEFAULTS, DEFAULT_RESULTS_DIR, GPU_DEFAULTS, BenchConfig, run_bench
 from fastmae.model import PRESETS
 
 
+def _default_help(gpu: object, cpu: object) -> str:
+    return f"[default on CUDA: {gpu}; on a CPU: {cpu}]"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``fastmae bench`` flags."""
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help=f"comma-separated presets, from {sorted(PRESETS)} [default %(default)s]")
-    parser.add_argument("--batch-size", default=str(DEFAULT_BATCH),
-                        help="one batch size for every model, or a comma-separated one per model [default %(default)s]")
-    parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
-                        help=f"comma-separated implementations, from {list(ALL_IMPLS)} [default %(default)s]")
+    """The ``fastmae bench`` flags. Models, batch size, implementations, steps and warm-up default to
+    the GPU set on a CUDA device and to a small set that runs in under a minute on a CPU."""
+    gpu, cpu = GPU_DEFAULTS, CPU_DEFAULTS
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated presets, from {sorted(PRESETS)} "
+                             + _default_help(",".join(gpu.models), ",".join(cpu.models)))
+    parser.add_argument("--batch-size", default=None,
+                        help="one batch size for every model, or a comma-separated one per model "
+                             + _default_help(gpu.batch_size, cpu.batch_size))
+    parser.add_argument("--impls", default=None,
+                        help=f"comma-separated implementations, from {list(ALL_IMPLS)} "
+                             + _default_help(",".join(gpu.impls), ",".join(cpu.impls) + " (hf where transformers "
+                                                                                          "is installed)"))
     parser.add_argument("--img-size", type=int, default=224, help="input resolution [default %(default)s]")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per row [default %(default)s]")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning) "
-                                                              "[default %(default)s]")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per row " + _default_help(gpu.steps, cpu.steps))
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation, autotuning) "
+                                                                 + _default_help(gpu.warmup, cpu.warmup))
     parser.add_argument("--input", default="synthetic",
                         help=f"comma-separated input modes from {list(INPUT_MODES)}: synthetic images already on the "
                              "device, or the JPEG loader end to end [default %(default)s]")
-    parser.add_argument("--results-dir", default="bench/results",
-                        help="folder of the per-GPU CSV files [default %(default)s]")
+    parser.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR),
+                        help="folder of the per-GPU CSV files; a relative path is taken from the current "
+                             "directory [default %(default)s]")
     parser.add_argument("--compare", metavar="OLD.csv",
                         help="compare this run's rows with OLD.csv; a row more than 5%% slower is a regression "
                              "(exit code 1)")
@@ -39,30 +51,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="start no new row after this many seconds (rows already written stay)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu [default: cuda when available]")
-    parser.add_argument("--baselines", default=None,
-                        help="folder holding the baselines' steps.py [default: bench/baselines beside the package]")
     parser.add_argument("--data", default=None,
                         help="image folder for --input loader [default: JPEGs generated from the demo photos]")
     parser.add_argument("--workers", type=int, default=None,
                         help="loader worker processes [default: cores - 1, at most 16]")
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(s.strip() for s in text.split(",") if s.strip())
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    try:
-        batch_sizes = tuple(int(b) for b in _names(args.batch_size))
-    except ValueError:
-        raise ValueError(f"--batch-size must be an int or comma-separated ints, got {args.batch_size!r}") from None
+    """The run ``args`` ask for; flags not given take the device's defaults (``BenchConfig``)."""
+    batch_sizes = None
+    if args.batch_size is not None:
+        try:
+            batch_sizes = tuple(int(b) for b in _names(args.batch_size))
+        except ValueError:
+            raise ValueError(f"--batch-size must be an int or comma-separated ints, got {args.batch_size!r}") from None
     return BenchConfig(
         models=_names(args.models), impls=_names(args.impls), batch_sizes=batch_sizes, img_size=args.img_size,
         steps=args.steps, warmup=args.warmup, inputs=_names(args.input), results_dir=Path(args.results_dir),
         device=args.device, max_seconds=args.max_seconds,
-        baselines_dir=Path(args.baselines) if args.baselines else default_baselines_dir(),
         data_dir=Path(args.data) if args.data else None, loader_workers=args.workers,
     )
+
+
+_FLAGS = {"models": "--models", "batch_sizes": "--batch-size", "steps": "--steps", "warmup": "--warmup",
+          "impls": "--impls"}  # BenchConfig field -> its flag
+
+
+def _flag(field: str, value: object) -> str:
+    text = ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+    return f"{_FLAGS[field]} {text}"
+
+
+def cpu_defaults_note(cfg: BenchConfig) -> str | None:
+    """What to tell the user when a run off CUDA took the CPU defaults for some flags; ``None`` otherwise."""
+    if cfg.device.type == "cuda" or not cfg.defaults_used:
+        return None
+    gpu = {"models": GPU_DEFAULTS.models, "batch_sizes": (GPU_DEFAULTS.batch_size,), "steps": GPU_DEFAULTS.steps,
+           "warmup": GPU_DEFAULTS.warmup, "impls": GPU_DEFAULTS.impls}
+    return (f"fastmae bench: no CUDA device in use ({cfg.device}), so the CPU defaults for the flags not given: "
+            f"{' '.join(_flag(name, getattr(cfg, name)) for name in cfg.defaults_used)}. On a CUDA device the "
+            f"defaults are the GPU set: {' '.join(_flag(name, value) for name, value in gpu.items())} (its "
+            "compiled and CUDA-graph rows need CUDA or take minutes to compile on a CPU).")
 
 
 def _compare(old_path: str, new_rows: list[dict[str, str]]) -> int:
@@ -91,6 +124,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fastmae bench: {exc}", file=sys.stderr)
         return 2
+    note = cpu_defaults_note(cfg)
+    if note is not None:
+        print(note, flush=True)
     rows, csv_path = run_bench(cfg, log=lambda line: print(line, flush=True))
     print()
     print(format_table(rows))

@@ -1,9 +1,19 @@
 """The table printed at the end of ``fastmae bench``: one line per row, sorted by model then img/s,
-with each row's speed-up over the ``official`` and ``modern`` baselines measured in the same run."""
+with each row's speed-up over the ``official`` recipe and over the best baseline of the same run.
+
+"Best baseline" is the fastest ``ok`` row among every baseline implementation (``BASELINE_IMPLS``:
+``official``, ``modern``, ``modern-cudagraph``, ``hf``, ``hf-compile``) with the same model, input and
+image size, whichever it is; the lines under the table name it. The targets in DESIGN.md are these two
+ratios: >= 3x the official recipe and >= 1.3x the best baseline.
+"""
 
 from __future__ import annotations
 
-SPEEDUP_OVER = ("official", "modern")
+from fastmae.benchmark.registry import BASELINE_IMPLS
+
+OFFICIAL = "official"
+BEST = "best baseline"
+SPEEDUP_OVER = (OFFICIAL, BEST)  # the table's ratio columns, "x official" and "x best baseline"
 
 
 def _number(row: dict[str, object], column: str) -> float | None:
@@ -11,20 +21,35 @@ def _number(row: dict[str, object], column: str) -> float | None:
     return float(value) if value not in (None, "") else None
 
 
-def speedups(rows: list[dict[str, object]]) -> list[dict[str, float | None]]:
-    """Per row, ``{baseline: row img/s / baseline img/s}`` over the same model, input and image size."""
-    reference = {}
+def _group(row: dict[str, object]) -> tuple[str, str, str]:
+    return str(row["model"]), str(row["input"]), str(row["img_size"])
+
+
+def best_baselines(rows: list[dict[str, object]]) -> dict[tuple[str, str, str], dict[str, object]]:
+    """``{(model, input, img_size): the fastest ok baseline row}``, over every baseline implementation."""
+    best: dict[tuple[str, str, str], dict[str, object]] = {}
     for r in rows:
-        if r["impl"] in SPEEDUP_OVER and r["status"] == "ok":
-            reference[(r["impl"], r["model"], r["input"], str(r["img_size"]))] = _number(r, "img_per_s")
+        speed = _number(r, "img_per_s")
+        if r["impl"] not in BASELINE_IMPLS or r["status"] != "ok" or not speed:
+            continue
+        current = best.get(_group(r))
+        if current is None or speed > _number(current, "img_per_s"):
+            best[_group(r)] = r
+    return best
+
+
+def speedups(rows: list[dict[str, object]]) -> list[dict[str, float | None]]:
+    """Per row, ``{"official": img/s over official's, "best baseline": img/s over the best baseline's}``
+    within the same model, input and image size (``None`` where either is not measured)."""
+    best = best_baselines(rows)
+    official = {_group(r): _number(r, "img_per_s") for r in rows if r["impl"] == OFFICIAL and r["status"] == "ok"}
     out = []
     for r in rows:
         speed = _number(r, "img_per_s") if r["status"] == "ok" else None
-        ratios = {}
-        for base in SPEEDUP_OVER:
-            base_speed = reference.get((base, r["model"], r["input"], str(r["img_size"])))
-            ratios[base] = speed / base_speed if speed is not None and base_speed else None
-        out.append(ratios)
+        best_row = best.get(_group(r))
+        references = {OFFICIAL: official.get(_group(r)),
+                      BEST: None if best_row is None else _number(best_row, "img_per_s")}
+        out.append({name: speed / ref if speed is not None and ref else None for name, ref in references.items()})
     return out
 
 
@@ -55,4 +80,7 @@ def format_table(rows: list[dict[str, object]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
+    for (model, input_mode, img_size), r in sorted(best_baselines(rows).items()):
+        text.append(f"best baseline for {model} {input_mode} {img_size}px: {r['impl']} "
+                    f"({_number(r, 'img_per_s'):.1f} img/s)")
     return "\n".join(text)

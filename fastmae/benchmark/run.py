@@ -15,7 +15,7 @@ import gc
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,11 +25,12 @@ import fastmae
 from fastmae.benchmark.inputs import INPUT_MODES, BatchSource
 from fastmae.benchmark.peak import measure_matmul_tflops, mfu, spec_tflops
 from fastmae.benchmark.registry import (
-    DEFAULT_IMPLS,
+    CPU_DEFAULT_IMPLS,
+    GPU_DEFAULT_IMPLS,
     Builders,
     check_impl_names,
-    default_baselines_dir,
     load_builders,
+    unavailable_reason,
 )
 from fastmae.benchmark.results import gpu_slug, upsert_rows
 from fastmae.benchmark.timing import Timing, time_train_step
@@ -37,30 +38,87 @@ from fastmae.benchmark.train_step import FASTMAE_IMPLS, MASK_RATIO, StepUnavaila
 from fastmae.flops import mae_flops
 from fastmae.model import PRESETS
 
-DEFAULT_MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
-DEFAULT_BATCH = 256
+# Relative: the folder where fastmae bench is run, never the installed package or its source tree.
+# The repository's committed GPU results live in bench/results (bench/device_check.sh passes it).
+DEFAULT_RESULTS_DIR = Path("bench-results")
 MAX_ERROR_CHARS = 300
+
+
+@dataclass(frozen=True)
+class BenchDefaults:
+    """What ``fastmae bench`` measures where it is not told, on one kind of device."""
+
+    models: tuple[str, ...]
+    batch_size: int
+    steps: int
+    warmup: int
+    impls: tuple[str, ...]  # off CUDA, those that cannot run there are left out (bench_defaults)
+
+
+GPU_DEFAULTS = BenchDefaults(models=("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"),
+                             batch_size=256, steps=20, warmup=5, impls=GPU_DEFAULT_IMPLS)
+# A CPU run of under a minute (53 s on 2 shared cores, 224 px, 4 rows): the tiny preset, a small batch,
+# a few steps.
+CPU_DEFAULTS = BenchDefaults(models=("mae_vit_tiny_patch16",), batch_size=8, steps=3, warmup=1,
+                             impls=CPU_DEFAULT_IMPLS)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device``: ``None`` is cuda when available, else cpu; only cuda[:N] and cpu."""
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str, a torch.device or None, got {type(device).__name__}")
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be cuda, cuda:N or cpu, got {device!r}") from None
+    if resolved.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be cuda, cuda:N or cpu, got {device!r}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device here")
+    return resolved
+
+
+def bench_defaults(device: torch.device) -> BenchDefaults:
+    """``GPU_DEFAULTS`` on CUDA; elsewhere ``CPU_DEFAULTS`` less the implementations that cannot run there
+    (``hf`` without transformers)."""
+    if device.type == "cuda":
+        return GPU_DEFAULTS
+    return replace(CPU_DEFAULTS, impls=tuple(i for i in CPU_DEFAULTS.impls if unavailable_reason(i, device) is None))
 
 
 @dataclass
 class BenchConfig:
-    """What ``fastmae bench`` measures; ``batch_sizes`` holds one size for every model or one per model."""
+    """What ``fastmae bench`` measures; ``batch_sizes`` holds one size for every model or one per model.
 
-    models: tuple[str, ...] = DEFAULT_MODELS
-    impls: tuple[str, ...] = DEFAULT_IMPLS
-    batch_sizes: tuple[int, ...] = (DEFAULT_BATCH,)
+    ``device`` ``None`` is cuda when available, else cpu; after construction it is a ``torch.device``.
+    ``models``, ``impls``, ``batch_sizes``, ``steps`` and ``warmup`` left ``None`` get that device's
+    ``bench_defaults`` (the GPU set on CUDA, a small CPU set elsewhere); ``defaults_used`` names them.
+    """
+
+    models: tuple[str, ...] | None = None
+    impls: tuple[str, ...] | None = None
+    batch_sizes: tuple[int, ...] | None = None
     img_size: int = 224
-    steps: int = 20
-    warmup: int = 5
+    steps: int | None = None
+    warmup: int | None = None
     inputs: tuple[str, ...] = ("synthetic",)
-    results_dir: Path = Path("bench/results")
-    device: str | None = None  # default: cuda when available
+    results_dir: Path = DEFAULT_RESULTS_DIR
+    device: str | torch.device | None = None
     max_seconds: float | None = None
-    baselines_dir: Path | None = field(default_factory=default_baselines_dir)
     data_dir: Path | None = None  # JPEG folder for the loader input; default: the generated demo set
     loader_workers: int | None = None
+    defaults_used: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
+        defaults = bench_defaults(self.device)
+        fallback = {"models": defaults.models, "impls": defaults.impls, "batch_sizes": (defaults.batch_size,),
+                    "steps": defaults.steps, "warmup": defaults.warmup}
+        self.defaults_used = tuple(name for name in fallback if getattr(self, name) is None)
+        for name in self.defaults_used:
+            setattr(self, name, fallback[name])
         self.models, self.impls, self.inputs = tuple(self.models), tuple(self.impls), tuple(self.inputs)
         self.batch_sizes = tuple(self.batch_sizes)
         if not self.models or not self.impls or not self.inputs:
@@ -136,7 +194,7 @@ def _versions() -> dict[str, str]:
 
 
 def _context(cfg: BenchConfig, log: Callable[[str], None]) -> RunContext:
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = cfg.device
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -146,10 +204,8 @@ def _context(cfg: BenchConfig, log: Callable[[str], None]) -> RunContext:
         spec = spec_tflops(gpu)
         log(f"{gpu}: dense bf16 matmul (8192^3) {measured:.1f} TFLOP/s measured, "
             f"spec {'unknown' if spec is None else f'{spec:.1f}'} TFLOP/s")
-    elif device.type == "cpu":
+    else:  # resolve_device allows only cuda and cpu
         gpu, measured, spec = "cpu", None, None
-    else:
-        raise ValueError(f"device must be cuda or cpu, got {device}")
     return RunContext(device, gpu, cfg.results_dir / f"{gpu_slug(gpu)}.csv", measured, spec, _versions())
 
 
@@ -290,7 +346,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> tuple[lis
     """
     started = time.monotonic()
     ctx = _context(cfg, log)
-    builders = load_builders(cfg.impls, cfg.baselines_dir)
+    builders = load_builders(cfg.impls, ctx.device)
     rows: list[dict[str, object]] = []
     for model in cfg.models:
         train_flops = _train_flops(model, cfg.img_size)

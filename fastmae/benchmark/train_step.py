@@ -1,8 +1,9 @@
 """One implementation's complete pretraining step (``TrainStep``) and fastmae's step builders.
 
 Every implementation in the benchmark is wrapped in a ``TrainStep``: a model and a ``run(imgs)``
-that does one full optimiser step. The baselines in ``bench/baselines`` build the same object, so
-the harness times every row the same way.
+that does one full optimiser step. The baselines in ``fastmae.benchmark.baselines`` build the same
+object (``modern-cudagraph`` with ``capture_cuda_graph`` below), so the harness times every row the
+same way.
 
 fastmae's variants (``FASTMAE_IMPLS``): the default backends (dispatch chooses) eagerly, under
 ``torch.compile``, with the whole step captured in a CUDA graph (MAE's fixed mask count makes
@@ -25,7 +26,6 @@ MASK_RATIO = 0.75
 BASE_LR = 1.5e-4  # lr = BASE_LR * batch / 256, as the paper
 WEIGHT_DECAY = 0.05
 BETAS = (0.9, 0.95)
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy state, autotuning, compilation)
 
 
@@ -68,8 +68,18 @@ FASTMAE_IMPLS: dict[str, FastmaeVariant] = {
 
 
 def check_model_name(model_name: str) -> None:
+    """Raise ``ValueError`` naming the presets when ``model_name`` is not one of them."""
     if model_name not in PRESETS:
         raise ValueError(f"unknown model {model_name!r}; expected one of {sorted(PRESETS)}")
+
+
+def fastmae_unavailable_reason(impl: str, device: torch.device) -> str | None:
+    """Why fastmae's ``impl`` variant cannot run on ``device`` (CUDA graphs need CUDA), or ``None``."""
+    if impl not in FASTMAE_IMPLS:
+        raise ValueError(f"unknown fastmae impl {impl!r}; expected one of {sorted(FASTMAE_IMPLS)}")
+    if FASTMAE_IMPLS[impl].cuda_graph and torch.device(device).type != "cuda":
+        return f"{impl}: CUDA graphs need a CUDA device, got {device}"
+    return None
 
 
 def build_fastmae_step(impl: str, model_name: str, batch_size: int, img_size: int,
@@ -78,12 +88,11 @@ def build_fastmae_step(impl: str, model_name: str, batch_size: int, img_size: in
 
     Raises ``StepUnavailable`` when the variant cannot run on ``device`` (CUDA graphs need CUDA).
     """
-    if impl not in FASTMAE_IMPLS:
-        raise ValueError(f"unknown fastmae impl {impl!r}; expected one of {sorted(FASTMAE_IMPLS)}")
+    reason = fastmae_unavailable_reason(impl, device)
     check_model_name(model_name)
+    if reason is not None:
+        raise StepUnavailable(reason)
     variant = FASTMAE_IMPLS[impl]
-    if variant.cuda_graph and device.type != "cuda":
-        raise StepUnavailable(f"{impl}: CUDA graphs need a CUDA device, got {device}")
     dtype = "bf16" if device.type == "cuda" else "fp32"
     with torch.device(device):  # initialise on the device: fast for ViT-H
         model = PRESETS[model_name](img_size=img_size, norm_pix_loss=True)
@@ -96,21 +105,8 @@ def build_fastmae_step(impl: str, model_name: str, batch_size: int, img_size: in
         optimizer = build_optimizer(model, lr=lr, weight_decay=WEIGHT_DECAY, betas=BETAS)
     forward = torch.compile(model) if variant.compile else model
 
-    def step(imgs: torch.Tensor) -> torch.Tensor:
-        # autocast's weight-cast cache must be off while capturing a CUDA graph
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16",
-                            cache_enabled=not variant.cuda_graph):
-            loss, _, _ = forward(imgs, mask_ratio=MASK_RATIO)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    def eager_step(imgs: torch.Tensor) -> torch.Tensor:
-        loss = step(imgs)
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    run = capture_cuda_graph(step, optimizer, batch_size, img_size, device) if variant.cuda_graph else eager_step
+    run = step_runner(forward, optimizer, batch_size, img_size, device, bf16=dtype == "bf16",
+                      cuda_graph=variant.cuda_graph)
     if variant.backend is not None:
         run = _with_backend(run, variant.backend)
     return TrainStep(impl=impl, model_name=model_name, batch_size=batch_size, dtype=dtype,
@@ -123,6 +119,27 @@ def _with_backend(run: Callable[[torch.Tensor], torch.Tensor], backend: str) -> 
             return run(imgs)
 
     return run_with_backend
+
+
+def step_runner(forward: Callable[..., tuple], optimizer: torch.optim.Optimizer, batch_size: int, img_size: int,
+                device: torch.device, bf16: bool, cuda_graph: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``run(imgs) -> loss``: one training step of an MAE ``forward`` (official signature), bf16 autocast when
+    asked, backward, ``optimizer.step()``; eager (grads zeroed after each step) or captured in one CUDA graph."""
+
+    def step(imgs: torch.Tensor) -> torch.Tensor:
+        # autocast's weight-cast cache must be off while capturing a CUDA graph
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not cuda_graph):
+            loss, _, _ = forward(imgs, mask_ratio=MASK_RATIO)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def eager_step(imgs: torch.Tensor) -> torch.Tensor:
+        loss = step(imgs)
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return capture_cuda_graph(step, optimizer, batch_size, img_size, device) if cuda_graph else eager_step
 
 
 def capture_cuda_graph(step: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,

@@ -4,7 +4,8 @@ A file is bad when it is empty, is not an image (or is one no backend decodes), 
 its header (or, with ``check="decode"``, its compressed data) is damaged. PNG, grayscale, CMYK,
 RGBA and images smaller than the crop are good: both backends convert them to RGB and upsample.
 
-- ``on_bad_file="error"`` (default): the first bad file in sorted order stops the run, named.
+- ``on_bad_file="error"`` (default): bad files stop the run, each named (the first ``LISTED_BAD_FILES`` in
+  sorted order, then their count).
 - ``on_bad_file="skip"``: bad files are left out of the dataset; each is logged (logger
   ``fastmae.data``) with its reason, their count is logged, and more than ``max_skip_fraction`` of
   bad files stops the run over a broken dataset.
@@ -38,6 +39,10 @@ CHECKS = ("header", "decode")
 DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP", "TIFF", "PPM", "JPEG2000")  # by PIL and DALI alike
 END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}  # MPO: a camera's multi-picture JPEG
 TAIL_BYTES = 1024
+LISTED_BAD_FILES = 20  # an error names this many bad files, then counts the rest
+# how the errors name the settings: for ``fastmae pretrain`` and for PretrainConfig / these functions
+SKIP_SETTING = "--on-bad-file skip (on_bad_file='skip')"
+FRACTION_SETTING = "--max-skip-fraction (max_skip_fraction)"
 
 
 class BadImageError(ValueError):
@@ -118,6 +123,18 @@ def _check_shared(files: list[Path], check: str, num_threads: int) -> list[tuple
     return results
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _listing(bad: list[tuple[Path, str]]) -> str:
+    """One line per bad file, ``path: reason``, the first ``LISTED_BAD_FILES`` of them, then how many more."""
+    lines = [f"  {str(path)!r}: {reason}" for path, reason in bad[:LISTED_BAD_FILES]]
+    if len(bad) > LISTED_BAD_FILES:
+        lines.append(f"  and {len(bad) - LISTED_BAD_FILES} more")
+    return "\n".join(lines)
+
+
 def scan_images(root: str | os.PathLike, on_bad_file: str = "error", max_skip_fraction: float = 0.01,
                 check: str = "header", num_threads: int | None = None) -> ScannedImages:
     """Check every image file of ``root`` (a folder or a text file listing image paths, as
@@ -130,21 +147,24 @@ def scan_images(root: str | os.PathLike, on_bad_file: str = "error", max_skip_fr
         raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
     files = list_images(root)
     threads = num_threads or min(32, 2 * (os.cpu_count() or 1))
-    good, sizes, skipped = [], [], []
+    good, sizes, bad = [], [], []
     for path, result in zip(files, _check_shared(files, check, threads)):
         if isinstance(result, tuple):
             good.append(path)
             sizes.append(result)
-        elif on_bad_file == "error":
-            raise BadImageError(f"bad image file {str(path)!r}: {result} (on_bad_file='skip' leaves bad files out)")
         else:
-            log.warning("skipping bad image file %s: %s", path, result)
-            skipped.append(path)
+            bad.append((path, result))
+    if bad and on_bad_file == "error":
+        raise BadImageError(f"{_count(len(bad), 'bad image file')} of {len(files)} in {str(root)!r} "
+                            f"({SKIP_SETTING} leaves bad files out):\n{_listing(bad)}")
+    for path, reason in bad:
+        log.warning("skipping bad image file %s: %s", path, reason)
+    skipped = [path for path, _ in bad]
     if skipped:
         fraction = len(skipped) / len(files)
         log.warning("skipped %d of %d image files of %s (%.2f%%)", len(skipped), len(files), root, 100 * fraction)
         if fraction > max_skip_fraction:
             raise BadImageError(f"{len(skipped)} of {len(files)} image files of {str(root)!r} are bad "
-                                f"({100 * fraction:.2f}% > max_skip_fraction={max_skip_fraction}): is this the "
-                                f"right dataset? The first bad file: {str(skipped[0])!r}")
+                                f"({100 * fraction:.2f}%), more than the {max_skip_fraction} that {FRACTION_SETTING} "
+                                f"allows: is this the right dataset?\n{_listing(bad)}")
     return ScannedImages(good, np.array(sizes, dtype=np.int64).reshape(-1, 2), skipped)

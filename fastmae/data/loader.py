@@ -57,8 +57,9 @@ def choose_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "dali" and not dali_available():
-        raise ValueError("backend='dali' but NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, "
-                         "or fastmae[dali]); backend='torch' needs only torchvision")
+        raise ValueError("backend='dali' (fastmae pretrain --loader dali) but NVIDIA DALI is not installed (pip "
+                         "install nvidia-dali-cuda130, or fastmae[dali]); backend='torch' (--loader torch) needs only "
+                         "torchvision")
     if backend == "auto":
         return "dali" if dali_available() else "torch"
     return backend

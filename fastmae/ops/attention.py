@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastmae.kernels._common import kernel_module_available, triton_why_not
+from fastmae.ops._cases import randn
 from fastmae.ops._checks import check_tensor
-from fastmae.ops.dispatch import Backend, Op
+from fastmae.ops._kernels import FLOAT_DTYPES, kernel, triton_available, triton_devices
+from fastmae.ops.dispatch import Backend, Case, Op
 
 
 def attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -70,16 +74,61 @@ def _torch_supports(qkv: torch.Tensor, num_heads: int) -> str | None:
     return None
 
 
-def _triton(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    from fastmae.kernels.attention import attention_triton
+# ---- the kernels' op: one schema, fake and autograd (the triton backend's kernels) ----
 
-    return attention_triton(qkv, num_heads)
+@torch.library.custom_op("fastmae::attention", mutates_args=())
+def attention_op(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qkv (N, S, 3*H*Dh)`` -> ``(out (N, S, H*Dh)`` in qkv's dtype, ``lse (N, H, S)`` fp32: each query row's
+    log-sum-exp of its scaled scores, kept for the backward)."""
+    return kernel(backend, "attention", "attention")(qkv, num_heads)
+
+
+@attention_op.register_fake
+def _(qkv: torch.Tensor, num_heads: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n, seq, packed = qkv.shape
+    out = qkv.new_empty((n, seq, packed // 3))  # (N, S, H*Dh)
+    return out, qkv.new_empty((n, num_heads, seq), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmae::attention_backward", mutates_args=())
+def attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          num_heads: int, backend: str) -> torch.Tensor:
+    """``grad_out (N, S, H*Dh)``, the forward's ``qkv``, ``out`` and ``lse`` -> ``d(qkv) (N, S, 3*H*Dh)`` in qkv's
+    dtype."""
+    return kernel(backend, "attention", "attention_backward")(grad_out, qkv, out, lse, num_heads)
+
+
+@attention_backward_op.register_fake
+def _(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+      backend: str) -> torch.Tensor:
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
+                   output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    qkv, num_heads, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.args = (num_heads, backend)
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor, _grad_lse: None) -> tuple:
+    qkv, out, lse = ctx.saved_tensors
+    return attention_backward_op(grad_out, qkv, out, lse, *ctx.args), None, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _attention_kernels(qkv: torch.Tensor, num_heads: int, *, backend: str) -> torch.Tensor:
+    return attention_op(qkv, num_heads, backend)[0]
 
 
 def _triton_measured_faster(qkv: torch.Tensor, num_heads: int) -> bool:
     """in bf16/fp16 at S <= 257 and head dim <= 80 only (MAE's shapes), where it measured fastest
 
-    Forward + backward with the tuned plans (kernels/attention.py default_plan) on an H200, bf16, batch 256,
+    Forward + backward with the tuned plans (kernels/attention_plan.py default_plan) on an H200, bf16, batch 256,
     against SDPA's fastest kernel at each shape: 0.33x its time at the ViT-B/L encoder (S 50, Dh 64;
     memory-efficient), 0.43x at ViT-H's (S 65, Dh 80; cuDNN), 0.56x and 0.55x at the decoders (S 197 and 257,
     Dh 32; cuDNN) (bench/results/nvidia-h200-attention-tuning.csv). fp16 runs the same tensor-core kernels as
@@ -88,17 +137,14 @@ def _triton_measured_faster(qkv: torch.Tensor, num_heads: int) -> bool:
     return qkv.dtype in (torch.bfloat16, torch.float16) and seq <= 257 and head_dim <= 80
 
 
-def _triton_supports(qkv: torch.Tensor, num_heads: int) -> str | None:
-    from fastmae.kernels.attention import MAX_HEAD_DIM, MAX_S
+def _triton_limits(qkv: torch.Tensor, num_heads: int) -> str | None:
+    from fastmae.kernels.attention_plan import MAX_HEAD_DIM, MAX_S
 
-    reason = triton_why_not(qkv)
-    if reason is not None:
-        return reason
     seq, head_dim = qkv.shape[1], qkv.shape[-1] // (3 * num_heads)
     if seq > MAX_S:
-        return f"the Triton attention holds a head's whole K/V in one tile: S = {seq} > {MAX_S}"
+        return f"the triton attention holds a head's whole K/V in one tile: S = {seq} > {MAX_S}"
     if head_dim > MAX_HEAD_DIM:
-        return f"the Triton attention takes head dims up to {MAX_HEAD_DIM}, got {head_dim}"
+        return f"the triton attention takes head dims up to {MAX_HEAD_DIM}, got {head_dim}"
     return None
 
 
@@ -162,16 +208,39 @@ def _xformers_supports(qkv: torch.Tensor, num_heads: int) -> str | None:
     return None
 
 
+def _case(seq: int, heads: int, head_dim: int) -> Callable[..., tuple]:
+    """``(qkv (N, S, 3*H*Dh), num_heads)``."""
+
+    def make(device: torch.device, dtype: torch.dtype, batch: int) -> tuple:
+        return randn(batch, seq, 3 * heads * head_dim, seed=1, device=device, dtype=dtype), heads
+
+    return make
+
+
+def _min_bytes(qkv: torch.Tensor, num_heads: int) -> int:
+    """qkv in, the output out."""
+    return qkv.numel() * qkv.element_size() * 4 // 3
+
+
+ATTENTION_CASES = (Case("S50-Dh64", _case(50, 2, 64), batch=3, grad=("qkv",)),
+                  Case("S65-Dh80", _case(65, 2, 80), batch=2, grad=("qkv",)),
+                  Case("S197-Dh32", _case(197, 2, 32), batch=1, grad=("qkv",)),
+                  Case("S257-Dh32", _case(257, 1, 32), batch=1, grad=("qkv",)),
+                  Case("S17-Dh16", _case(17, 3, 16), batch=2, grad=("qkv",)))
+
 ATTENTION = Op(
     "attention",
     [  # priority: triton at MAE's shapes in bf16/fp16 (S <= 257, Dh <= 80), where it measured fastest; SDPA elsewhere
-        Backend("triton", _triton, available=kernel_module_available("attention"), supports=_triton_supports,
-                auto_devices=("cuda",), auto_when=_triton_measured_faster),
+        Backend("triton", functools.partial(_attention_kernels, backend="triton"),
+                available=triton_available("attention"), supports=_triton_limits, devices=triton_devices(),
+                dtypes=FLOAT_DTYPES, auto_devices=("cuda",), auto_when=_triton_measured_faster),
         Backend("torch", attention_torch, supports=_torch_supports),
         Backend("xformers", attention_xformers, available=_xformers_why_not, supports=_xformers_supports,
                 auto_devices=("cuda",)),
         Backend("reference", attention_reference),
     ],
+    cases=ATTENTION_CASES, benchmark=Case("vit-b-encoder", _case(50, 12, 64)), min_bytes=_min_bytes,
+    kernel_op=attention_op,
 )
 
 

@@ -22,6 +22,7 @@ priority list, and a blanket name that no op has is an error. An op-specific nam
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import os
 from collections.abc import Callable, Iterator
@@ -47,10 +48,14 @@ def _always(*args: Any, **kwargs: Any) -> str | None:
 class Backend:
     """One implementation of an op.
 
-    ``available()`` says whether it can run on this machine at all (cached); ``supports(*args)``
-    whether it can run one call with the op's own arguments. Both return ``None`` or a reason.
-    ``auto_devices`` limits the devices on which the priority list may pick it (``None``: any); on
-    others it runs only when named (the Triton backends run on CPU only in the interpreter, a test tool).
+    What it can run is data, checked the same way for every op and backend (:meth:`why_not` lists every
+    reason at once): ``available()``, whether it can run on this machine at all (asked once); ``devices``, the
+    device types its tensors may be on (all on one); ``dtypes``, the dtypes of its floating-point tensors;
+    ``no_grad``, the arguments it gives no gradient for (refused when one requires grad); ``supports(*args)``,
+    the op's own limits for one call (shapes), ``None`` or a reason. ``None`` in a field: no such rule.
+
+    ``auto_devices`` limits the devices on which the priority list may pick it (``None``: any); on others it
+    runs only when named (the Triton backends run on CPU only in the interpreter, a test tool).
     ``auto_when(*args)``, when given, limits the priority list's picks further to the calls where this
     backend measured faster than the next; named, it runs every call it supports.
     """
@@ -59,6 +64,9 @@ class Backend:
     fn: Callable[..., Any]
     available: Callable[[], str | None] = _always
     supports: Callable[..., str | None] = _always
+    devices: tuple[str, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
+    no_grad: tuple[str, ...] = ()
     auto_devices: tuple[str, ...] | None = None
     auto_when: Callable[..., bool] | None = None
     key: str = field(init=False, repr=False, compare=False)  # unique per instance: the availability cache's key
@@ -69,9 +77,40 @@ class Backend:
         object.__setattr__(self, "key", f"{self.name}#{next(_SERIALS)}")
         _BACKENDS[self.key] = self
 
-    def why_not(self, args: tuple[Any, ...]) -> str | None:
+    def why_not(self, args: tuple[Any, ...], arg_names: tuple[str, ...] = ()) -> str | None:
+        """``None`` when this backend can run ``op(*args)``, else every reason it cannot, joined by "; "."""
         reason = _cached_availability(self.key)
-        return reason if reason is not None else self.supports(*args)
+        if reason is not None:
+            return reason
+        named = [(arg_names[i] if i < len(arg_names) else f"argument {i}", a) for i, a in enumerate(args)]
+        tensors = [(n, t) for n, t in named if isinstance(t, torch.Tensor)]
+        devices = [(n, t.device) for n, t in tensors] + [(n, d) for n, d in named if isinstance(d, torch.device)]
+        reasons = []
+        if self.devices is not None:
+            wrong = [f"{n} on {d.type}" for n, d in devices if d.type not in self.devices]
+            if wrong:
+                note = DEVICE_NOTES.get(self.name, "")
+                reasons.append(f"{self.name} takes {'/'.join(self.devices)} tensors{note}, got {', '.join(wrong)}")
+        if len({d for _, d in devices}) > 1:
+            reasons.append("tensors on several devices: " + ", ".join(f"{n} on {d}" for n, d in devices))
+        if self.dtypes is not None:
+            wrong = [f"{n} {t.dtype}" for n, t in tensors if t.is_floating_point() and t.dtype not in self.dtypes]
+            if wrong:
+                allowed = "/".join(_SHORT_DTYPE_NAMES.get(d, str(d).removeprefix("torch.")) for d in self.dtypes)
+                reasons.append(f"{self.name} takes {allowed}, got {', '.join(wrong)}")
+        if torch.is_grad_enabled():
+            needs = [n for n, t in tensors if n in self.no_grad and t.requires_grad]
+            if needs:
+                reasons.append(f"{self.name} gives no gradient for {', '.join(needs)} (requires_grad is set)")
+        if not reasons:  # the op's own limits assume tensors it can take
+            reason = self.supports(*args)
+            if reason is not None:
+                reasons.append(reason)
+        return "; ".join(reasons) or None
+
+
+_SHORT_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DEVICE_NOTES = {"triton": " (cpu ones only under the Triton interpreter, TRITON_INTERPRET=1)"}
 
 
 _SERIALS = itertools.count()
@@ -88,17 +127,43 @@ def _cached_availability(key: str) -> str | None:
     return _AVAILABILITY[key]
 
 
+@dataclass(frozen=True)
+class Case:
+    """One call of an op, for the generic tests and microbenchmarks (``tests/ops/test_backends.py``,
+    ``bench/test_bench_ops.py``): ``make(device, dtype, batch)`` builds its arguments, the same ones every time
+    (``dtype`` for its floating-point data; fixed tables and parameters may stay fp32 as in the model);
+    ``grad`` names the arguments whose gradients are compared."""
+
+    name: str
+    make: Callable[[torch.device, torch.dtype, int], tuple[Any, ...]]
+    batch: int = 2
+    grad: tuple[str, ...] = ()
+
+
 @dataclass
 class Op:
-    """An op name and its backends in priority order; registers itself in :data:`OPS`."""
+    """An op: its backends in priority order (``reference`` last, the spec), and for the generic tests and
+    benchmarks its ``cases`` (small MAE and odd shapes), its ``benchmark`` case (ViT-B/16 MAE shapes; the batch
+    is the benchmark's; timed forward + backward when it lists gradients), ``min_bytes(*args)`` (what any
+    implementation must read and write), ``matmul_flops(*args)`` (for ops with matmuls) and ``kernel_op`` (the
+    ``fastmae::<name>`` custom op taking the op's arguments plus ``backend``, when it has one). Registers itself
+    in :data:`OPS`."""
 
     name: str
     backends: list[Backend] = field(default_factory=list)
+    arg_names: tuple[str, ...] = ()  # the op's arguments, named in the reasons a backend cannot run a call
+    cases: tuple[Case, ...] = ()
+    benchmark: Case | None = None
+    min_bytes: Callable[..., int] | None = None
+    matmul_flops: Callable[..., int] | None = None
+    kernel_op: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         names = [b.name for b in self.backends]
         if not names or names[-1] != "reference":
             raise ValueError(f"op {self.name!r}: the backend list must end with 'reference', got {names}")
+        if not self.arg_names:
+            self.arg_names = tuple(inspect.signature(self.backends[-1].fn).parameters)  # the reference's
         OPS[self.name] = self
 
     def backend(self, name: str) -> Backend | None:
@@ -113,7 +178,7 @@ class Op:
                 raise BackendUnavailableError(
                     f"{self.name}: no backend named {requested!r} ({source}); this op has:\n" + self.explain(args)
                 )
-            reason = chosen.why_not(args)
+            reason = chosen.why_not(args, self.arg_names)
             if reason is not None:
                 raise BackendUnavailableError(
                     f"{self.name}: backend {requested!r} ({source}) cannot run this call: {reason}\n"
@@ -125,7 +190,8 @@ class Op:
         for candidate in self.backends:
             if candidate.auto_devices is not None and device not in candidate.auto_devices:
                 continue
-            if candidate.why_not(args) is None and (candidate.auto_when is None or candidate.auto_when(*args)):
+            if candidate.why_not(args, self.arg_names) is None and (
+                    candidate.auto_when is None or candidate.auto_when(*args)):
                 return candidate
         raise BackendUnavailableError(f"{self.name}: no backend can run this call\n" + self.explain(args))
 
@@ -151,7 +217,7 @@ class Op:
         """One line per backend: ``name: ok`` or ``name: <reason>``."""
         lines = []
         for b in self.backends:
-            reason = b.why_not(args)
+            reason = b.why_not(args, self.arg_names)
             lines.append(f"  {b.name}: {'ok' if reason is None else reason}")
         return "\n".join(lines)
 

@@ -1,14 +1,26 @@
-"""masked_mse: the MAE loss -- mean over removed patches of the per-patch MSE, optional per-patch norm."""
+"""masked_mse: the MAE loss -- mean over removed patches of the per-patch MSE, optional per-patch norm.
+
+The op's one definition: the reference (the spec), the custom ops ``fastmae::masked_mse`` and
+``fastmae::masked_mse_backward`` (one schema, fake and autograd for the triton and cuda kernels), the
+backends' support rules, and the public function.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
-from fastmae.extension import extension_backend_available
-from fastmae.kernels._common import kernel_module_available, triton_why_not
+from fastmae.ops._cases import masking, randn
 from fastmae.ops._checks import check_same_device, check_tensor
-from fastmae.ops.dispatch import Backend, Op
+from fastmae.ops._kernels import (CUDA_DEVICES, FLOAT_DTYPES, autocast_enabled, cuda_available, kernel,
+                                  triton_available, triton_devices)
+from fastmae.ops.dispatch import Backend, Case, Op
 from fastmae.patchify import patchify
+
+MAX_CUDA_P = 4096  # csrc/masked_mse.cu holds a patch in registers: 8 warps x 16 values per thread
+INT32_SPAN = 2**31  # csrc/masked_mse.cu indexes within a patch of imgs in 32 bits
 
 
 def masked_mse_reference(
@@ -29,142 +41,146 @@ def masked_mse_reference(
     return (per_patch * mask).sum() / mask.sum()
 
 
-def _triton(
-    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float = 1e-6
-) -> torch.Tensor:
-    from fastmae.kernels.masked_mse import masked_mse_triton
+# ---- the kernels' op: one schema, fake and autograd for every kernel backend ----
 
-    return masked_mse_triton(pred, imgs, mask, patch_size, norm_pix, eps)
-
-
-def _triton_supports(
-    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float = 1e-6
-) -> str | None:
-    from fastmae.kernels.masked_mse import MAX_BLOCK_P
-
-    reason = triton_why_not(pred, imgs, mask)
-    if reason is not None:
-        return reason
-    if not mask.is_floating_point():
-        return f"the Triton masked_mse takes a floating-point mask, got {mask.dtype}"
-    if torch.is_grad_enabled() and (imgs.requires_grad or mask.requires_grad):
-        return "the Triton masked_mse gives no gradient for imgs or mask (requires_grad is set on one)"
-    if pred.shape[-1] > MAX_BLOCK_P:
-        return f"the Triton masked_mse holds a patch in registers: P = {pred.shape[-1]} > {MAX_BLOCK_P}"
-    return None
-
-
-# ---- cuda: the fastmae._C extension (csrc/masked_mse.cu; csrc/masked_mse_cpu.cpp on CPU tensors) ----
-
-_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CUDA_MAX_P = 4096  # csrc/masked_mse.cu holds a patch in registers: 8 warps x 16 values per thread
-_INT32_SPAN = 2**31  # offsets within a patch of imgs are 32-bit
-
-
-def _ext_loss_dtype(pred: torch.dtype, imgs: torch.dtype, mask: torch.dtype) -> torch.dtype:
-    """The promotion of three dtypes among fp32/bf16/fp16: their common dtype, else fp32 (plain Python:
-    no ``torch.promote_types`` node in a traced graph)."""
+def _loss_dtype(pred: torch.dtype, imgs: torch.dtype, mask: torch.dtype) -> torch.dtype:
+    """The loss dtype: the promotion of the three, which among fp32/bf16/fp16 is their common dtype or else fp32
+    (plain Python: no ``torch.promote_types`` node in a traced graph)."""
     dtypes = {pred, imgs, mask}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _fake_check_devices(op: str, **tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise RuntimeError(f"{op}: all tensors must be on one device, got {devices}")
+@torch.library.custom_op("fastmae::masked_mse", mutates_args=())
+def masked_mse_op(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
+                  eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pred (N, L, P)``, ``imgs (N, C, H, W)``, ``mask (N, L)`` -> ``(loss ()`` in the promotion of the three
+    dtypes, ``sum(mask) ()`` fp32, kept for the backward)."""
+    return kernel(backend, "masked_mse", "masked_mse")(pred, imgs, mask, patch_size, norm_pix, eps)
 
 
-def _fake_masked_mse(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pred (N, L, P)``, ``imgs (N, C, H, W)``, ``mask (N, L)`` -> (loss (), promoted dtype; sum(mask) (), fp32)."""
-    _fake_check_devices("fastmae::masked_mse", pred=pred, imgs=imgs, mask=mask)
-    loss = pred.new_empty((), dtype=_ext_loss_dtype(pred.dtype, imgs.dtype, mask.dtype))
+@masked_mse_op.register_fake
+def _(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float,
+      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    loss = pred.new_empty((), dtype=_loss_dtype(pred.dtype, imgs.dtype, mask.dtype))
     return loss, pred.new_empty((), dtype=torch.float32)
 
 
-def _fake_masked_mse_backward(grad_loss: torch.Tensor, mask_sum: torch.Tensor, pred: torch.Tensor,
-                              imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
-                              eps: float) -> torch.Tensor:
-    """-> ``grad_pred (N, L, P)`` contiguous, pred's dtype."""
-    _fake_check_devices("fastmae::masked_mse_backward", grad_loss=grad_loss, mask_sum=mask_sum, pred=pred, imgs=imgs,
-                        mask=mask)
+@torch.library.custom_op("fastmae::masked_mse_backward", mutates_args=())
+def masked_mse_backward_op(grad_loss: torch.Tensor, mask_sum: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor,
+                           mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float,
+                           backend: str) -> torch.Tensor:
+    """``grad_loss ()``, ``mask_sum ()`` fp32 -> ``grad_pred (N, L, P)`` contiguous, in pred's dtype (recomputed
+    from pred and imgs)."""
+    return kernel(backend, "masked_mse", "masked_mse_backward")(grad_loss, mask_sum, pred, imgs, mask, patch_size,
+                                                                 norm_pix, eps)
+
+
+@masked_mse_backward_op.register_fake
+def _(grad_loss: torch.Tensor, mask_sum: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor,
+      patch_size: int, norm_pix: bool, eps: float, backend: str) -> torch.Tensor:
     return pred.new_empty(pred.shape)
 
 
-def _cuda_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
-                        output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    pred, imgs, mask, patch_size, norm_pix, eps = inputs
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
+                   output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    pred, imgs, mask, patch_size, norm_pix, eps, backend = inputs
     ctx.save_for_backward(pred, imgs, mask, output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
-    ctx.patch_size, ctx.norm_pix, ctx.eps = patch_size, norm_pix, eps
+    ctx.args = (patch_size, norm_pix, eps, backend)
 
 
-def _cuda_backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor, _grad_mask_sum: None) -> tuple:
-    """Gradient wrt ``pred`` only (recomputed from pred and imgs); ``mask_sum`` is not differentiable."""
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor | None, _grad_mask_sum: None) -> tuple:
+    """The gradient wrt ``pred`` only; the dispatch refuses ``imgs`` and ``mask`` requiring grad (``no_grad``), and so
+    does a direct call of the op."""
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         raise RuntimeError("fastmae::masked_mse gives no gradient for imgs or mask; they must not require grad")
     if grad_loss is None:  # grads are not materialised: nothing flowed into the loss
-        return None, None, None, None, None, None
+        return (None,) * 7
     pred, imgs, mask, mask_sum = ctx.saved_tensors
-    grad = torch.ops.fastmae.masked_mse_backward(grad_loss, mask_sum, pred, imgs, mask, ctx.patch_size, ctx.norm_pix,
-                                                 ctx.eps)
-    return grad, None, None, None, None, None
+    grad = masked_mse_backward_op(grad_loss.contiguous(), mask_sum, pred, imgs, mask, *ctx.args)
+    return (grad,) + (None,) * 6
 
 
-def _register_cuda() -> None:
-    """Fake implementations of both schemas and the autograd of fastmae::masked_mse."""
-    torch.library.register_fake("fastmae::masked_mse", _fake_masked_mse)
-    torch.library.register_fake("fastmae::masked_mse_backward", _fake_masked_mse_backward)
-    torch.library.register_autograd("fastmae::masked_mse", _cuda_backward, setup_context=_cuda_setup_context)
+masked_mse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _cuda_supports(
-    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float = 1e-6
-) -> str | None:
-    """cpu (the C++ implementation), cuda or meta tensors on one device; fp32/bf16/fp16; no gradient asked
-    for imgs or mask; on cuda (and meta) the kernels' limits: P <= 4096, a patch of imgs within 2^31 elements."""
-    devices = {t.device for t in (pred, imgs, mask)}
-    if len(devices) > 1:
-        return f"the cuda masked_mse takes tensors on one device, got {sorted(str(d) for d in devices)}"
-    device = pred.device.type
-    if device not in ("cpu", "cuda", "meta"):
-        return f"the cuda masked_mse runs on cpu, cuda and meta tensors, got {device}"
-    for name, t in (("pred", pred), ("imgs", imgs), ("mask", mask)):
-        if t.dtype not in _CUDA_DTYPES:
-            return f"the cuda masked_mse takes float32/bfloat16/float16 tensors, got {name} {t.dtype}"
-    if torch.is_grad_enabled() and (imgs.requires_grad or mask.requires_grad):
-        return "the cuda masked_mse gives no gradient for imgs or mask (requires_grad is set on one)"
-    if device != "cpu":  # the CUDA kernels' limits (the CPU implementation has none)
-        p_len = pred.shape[-1]
-        if p_len > _CUDA_MAX_P:
-            return f"the CUDA masked_mse holds a patch in registers: P = {p_len} > {_CUDA_MAX_P}"
-        img_span = (imgs.shape[1] - 1) * imgs.stride(1) + (patch_size - 1) * (imgs.stride(2) + imgs.stride(3))
-        if img_span >= _INT32_SPAN:
-            return f"the CUDA masked_mse indexes within a patch in 32 bits: a patch spans {img_span} >= 2^31 elements"
+def _masked_mse_kernels(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
+                        eps: float = 1e-6, *, backend: str) -> torch.Tensor:
+    """As the reference, on ``backend``'s kernels. Its loss dtype too: the promotion of the three dtypes, and fp32
+    under CUDA autocast (where the reference's ``pow`` runs in fp32), which an fp32 mask gives."""
+    if pred.device.type == "cuda" and autocast_enabled("cuda") and mask.dtype != torch.float32:
+        mask = mask.float()
+    loss, _ = masked_mse_op(pred, imgs, mask, patch_size, norm_pix, eps, backend)
+    return loss
+
+
+def _floating_mask(mask: torch.Tensor, backend: str) -> str | None:
+    if not mask.is_floating_point():
+        return f"the {backend} masked_mse takes a floating-point mask, got {mask.dtype}"
     return None
 
 
-def _cuda(
-    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool, eps: float = 1e-6
-) -> torch.Tensor:
-    """As the reference; the loss dtype is the promotion of the three dtypes, and fp32 under CUDA autocast
-    (where the reference's ``pow`` runs in fp32): an fp32 mask ``(N, L)`` makes the op's promotion fp32."""
-    if pred.device.type == "cuda" and torch.is_autocast_enabled("cuda") and mask.dtype != torch.float32:
-        mask = mask.float()
-    loss, _ = torch.ops.fastmae.masked_mse(pred, imgs, mask, patch_size, norm_pix, eps)
-    return loss
+def _triton_limits(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
+                   eps: float = 1e-6) -> str | None:
+    from fastmae.kernels.masked_mse import MAX_BLOCK_P
 
+    if pred.shape[-1] > MAX_BLOCK_P:
+        return f"the triton masked_mse holds a patch in registers: P = {pred.shape[-1]} > {MAX_BLOCK_P}"
+    return _floating_mask(mask, "triton")
+
+
+def _cuda_limits(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
+                 eps: float = 1e-6) -> str | None:
+    """A floating-point mask; the CUDA kernels' limits (the CPU implementation has none): P <= 4096, a patch of imgs
+    within 2^31 elements."""
+    if pred.device.type == "cpu":
+        return _floating_mask(mask, "cuda")
+    if pred.shape[-1] > MAX_CUDA_P:
+        return f"the CUDA masked_mse holds a patch in registers: P = {pred.shape[-1]} > {MAX_CUDA_P}"
+    img_span = (imgs.shape[1] - 1) * imgs.stride(1) + (patch_size - 1) * (imgs.stride(2) + imgs.stride(3))
+    if img_span >= INT32_SPAN:
+        return f"the CUDA masked_mse indexes within a patch in 32 bits: a patch spans {img_span} >= 2^31 elements"
+    return _floating_mask(mask, "cuda")
+
+
+def _case(p: int, hh: int, ww: int, norm_pix: bool, channels: int = 3) -> Callable[..., tuple]:
+    """``(pred (N, L, P), imgs (N, C, H, W), mask (N, L) with a quarter kept, p, norm_pix, eps)``."""
+
+    def make(device: torch.device, dtype: torch.dtype, batch: int) -> tuple:
+        num_patches, patch_len = (hh // p) * (ww // p), p * p * channels
+        imgs = randn(batch, channels, hh, ww, seed=1, device=device, dtype=dtype)
+        pred = randn(batch, num_patches, patch_len, seed=2, device=device, dtype=dtype)
+        _, _, mask = masking(batch, num_patches, num_patches // 4, seed=3, device=device)
+        return pred, imgs, mask.to(dtype), p, norm_pix, 1e-6
+
+    return make
+
+
+def _min_bytes(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, *_: object) -> int:
+    """The removed patches of pred and imgs, and the mask."""
+    removed = int((mask != 0).sum())
+    return removed * pred.shape[-1] * (pred.element_size() + imgs.element_size()) + mask.numel() * mask.element_size()
+
+
+MASKED_MSE_CASES = (Case("p16-norm", _case(16, 64, 64, True), batch=3, grad=("pred",)),
+                   Case("p16", _case(16, 64, 64, False), batch=3, grad=("pred",)),
+                   Case("p14-norm-56x84", _case(14, 56, 84, True), batch=2, grad=("pred",)),
+                   Case("p8-gray", _case(8, 32, 48, True, channels=1), batch=1, grad=("pred",)))
 
 MASKED_MSE = Op(
     "masked_mse",
     [  # priority: the cuda kernel measured faster than the triton one on an H200 (bench/results/)
-        Backend("cuda", _cuda, available=extension_backend_available(_register_cuda), supports=_cuda_supports,
+        Backend("cuda", functools.partial(_masked_mse_kernels, backend="cuda"), available=cuda_available,
+                supports=_cuda_limits, devices=CUDA_DEVICES, dtypes=FLOAT_DTYPES, no_grad=("imgs", "mask"),
                 auto_devices=("cuda",)),
-        Backend("triton", _triton, available=kernel_module_available("masked_mse"), supports=_triton_supports,
-                auto_devices=("cuda",)),
+        Backend("triton", functools.partial(_masked_mse_kernels, backend="triton"),
+                available=triton_available("masked_mse"), supports=_triton_limits, devices=triton_devices(),
+                dtypes=FLOAT_DTYPES, no_grad=("imgs", "mask"), auto_devices=("cuda",)),
         Backend("reference", masked_mse_reference),
     ],
+    cases=MASKED_MSE_CASES, benchmark=Case("vit-b", _case(16, 224, 224, True)), min_bytes=_min_bytes,
+    kernel_op=masked_mse_op,
 )
 
 
@@ -178,7 +194,8 @@ def masked_mse(
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Scalar MAE loss over the removed patches; see the reference."""
+    """``pred (N, L, P)``, ``imgs (N, C, H, W)``, ``mask (N, L)`` (1 = removed) -> the scalar MAE loss over the
+    removed patches; see the reference."""
     check_tensor("imgs", imgs, ndim=4, floating=True)
     n, c, hh, ww = imgs.shape
     if not isinstance(patch_size, int) or patch_size < 1 or hh % patch_size or ww % patch_size:

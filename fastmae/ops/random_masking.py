@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 
 import torch
 
-from fastmae.extension import extension_backend_available
-from fastmae.kernels._common import device_why_not, kernel_module_available, triton_why_not
+from fastmae.ops._cases import rand
 from fastmae.ops._checks import check_tensor
-from fastmae.ops.dispatch import Backend, Op
+from fastmae.ops._kernels import CUDA_DEVICES, FLOAT_DTYPES, cuda_available, kernel, triton_available, triton_devices
+from fastmae.ops.dispatch import Backend, Case, Op
 
-MAX_TRITON_PATCHES = 1024  # the Triton kernels hold a sample's whole row of noise in registers
 MAX_CUDA_PATCHES = 1024  # the CUDA kernels sort a sample's row in one thread block
-_CUDA_DEVICES = ("cpu", "cuda", "meta")  # fastmae._C's CPU and CUDA implementations; meta: its fake ones
-_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _U32 = 0xFFFFFFFF
 
 
@@ -33,110 +32,103 @@ def random_masking_reference(
     return ids_keep, ids_restore, mask
 
 
-def _triton_patches_why_not(num_patches: int) -> str | None:
-    if num_patches > MAX_TRITON_PATCHES:
-        return f"L={num_patches} patches > {MAX_TRITON_PATCHES} (the kernel ranks a whole row in registers)"
-    return None
+# ---- the kernels' ops: one schema and fake each for every kernel backend (no gradient: indices and a 0/1 mask) ----
 
-
-def _triton_supports(noise: torch.Tensor, len_keep: int) -> str | None:
-    return triton_why_not(noise) or _triton_patches_why_not(noise.shape[1])
-
-
-def _triton(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastmae.kernels.random_masking import random_masking_triton
-
-    return random_masking_triton(noise, len_keep)
-
-
-# --- cuda backend: fastmae._C (csrc/random_masking.cu; csrc/random_masking_cpu.cpp on CPU tensors) ---
-
-
-def _fake_masks(n: int, num_patches: int, len_keep: int,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _empty_masks(n: int, num_patches: int, len_keep: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (torch.empty((n, len_keep), dtype=torch.int64, device=device),
             torch.empty((n, num_patches), dtype=torch.int64, device=device),
             torch.empty((n, num_patches), dtype=torch.float32, device=device))
 
 
-def _gather_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-    _, _, x, pos_embed = inputs
-    if pos_embed.requires_grad:
-        raise RuntimeError("fastmae::random_masking_gather gives no gradient to pos_embed; detach it, or gather "
-                           "first and add the pos rows in torch")
-    ids_keep, _, mask, _ = output
-    ctx.mark_non_differentiable(mask)
-    ctx.save_for_backward(ids_keep)
-    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+@torch.library.custom_op("fastmae::random_masking", mutates_args=())
+def random_masking_op(noise: torch.Tensor, len_keep: int,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``noise (N, L)`` -> ``ids_keep (N, K)``, ``ids_restore (N, L)`` int64, ``mask (N, L)`` fp32."""
+    return kernel(backend, "random_masking", "random_masking")(noise, len_keep)
 
 
-def _gather_backward(ctx: torch.autograd.function.FunctionCtx, grad_ids_keep: None, grad_ids_restore: None,
-                     grad_mask: None, grad_x_masked: torch.Tensor) -> tuple[None, None, torch.Tensor, None]:
-    """``grad_x (N, L, D)``: ``grad_x_masked (N, K, D)`` scattered to the kept rows, zero elsewhere."""
-    (ids_keep,) = ctx.saved_tensors
-    grad_x = grad_x_masked.new_zeros(ctx.x_shape, dtype=ctx.x_dtype)
-    index = ids_keep.unsqueeze(-1).expand(-1, -1, ctx.x_shape[2])  # (N, K, D)
-    return None, None, grad_x.scatter(1, index, grad_x_masked.to(ctx.x_dtype)), None
+@random_masking_op.register_fake
+def _(noise: torch.Tensor, len_keep: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _empty_masks(noise.shape[0], noise.shape[1], len_keep, noise.device)
 
 
-def _register_cuda_python_side() -> None:
-    """Fake (meta) implementations of the three schemas and the autograd of random_masking_gather; once."""
-
-    @torch.library.register_fake("fastmae::random_masking")
-    def _(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _fake_masks(noise.shape[0], noise.shape[1], len_keep, noise.device)
-
-    @torch.library.register_fake("fastmae::random_masking_philox")
-    def _(seed_step: torch.Tensor, num_samples: int, num_patches: int,
-          len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _fake_masks(num_samples, num_patches, len_keep, seed_step.device)
-
-    @torch.library.register_fake("fastmae::random_masking_gather")
-    def _(noise: torch.Tensor, len_keep: int, x: torch.Tensor,
-          pos_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not noise.device == x.device == pos_embed.device:
-            raise RuntimeError(f"random_masking_gather: noise, x and pos_embed must be on one device, got "
-                               f"{noise.device}, {x.device}, {pos_embed.device}")
-        n, num_patches, d = x.shape
-        x_masked = x.new_empty((n, len_keep, d), dtype=torch.promote_types(x.dtype, pos_embed.dtype))
-        return *_fake_masks(n, num_patches, len_keep, noise.device), x_masked
-
-    torch.library.register_autograd("fastmae::random_masking_gather", _gather_backward,
-                                    setup_context=_gather_setup_context)
+@torch.library.custom_op("fastmae::random_masking_philox", mutates_args=())
+def random_masking_philox_op(seed_step: torch.Tensor, num_samples: int, num_patches: int, len_keep: int,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``seed_step (2,)`` int64 ``[seed, step]``, read on the device (a captured CUDA graph advances the step in
+    place) -> the masks of the Philox noise of ``(seed, step)``, as :func:`random_masking_op`'s."""
+    return kernel(backend, "random_masking", "random_masking_philox")(seed_step, num_samples, num_patches, len_keep)
 
 
-_cuda_available = extension_backend_available(_register_cuda_python_side)
+@random_masking_philox_op.register_fake
+def _(seed_step: torch.Tensor, num_samples: int, num_patches: int, len_keep: int,
+      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _empty_masks(num_samples, num_patches, len_keep, seed_step.device)
 
 
-def _cuda_patches_why_not(num_patches: int) -> str | None:
-    if num_patches > MAX_CUDA_PATCHES:
-        return f"L={num_patches} patches > {MAX_CUDA_PATCHES} (the CUDA kernel sorts a sample in one thread block)"
-    return None
+def _random_masking_kernels(noise: torch.Tensor, len_keep: int,
+                            *, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As the reference on ``backend``'s kernels; ``noise`` gets no gradient, as in the reference (the outputs
+    are indices and a constant mask)."""
+    return random_masking_op(noise.detach(), len_keep, backend)
 
 
-def _cuda_supports(noise: torch.Tensor, len_keep: int) -> str | None:
-    """Noise on cpu/cuda/meta in fp32/bf16/fp16; ``L <= 1024``, the CUDA kernel's limit, on every device (the CPU
-    implementation itself has none). ``noise.requires_grad`` is fine: as in the reference, the outputs carry no
-    gradient (the op falls through the Autograd key)."""
-    if noise.device.type not in _CUDA_DEVICES:
-        return f"fastmae._C takes cpu/cuda tensors, got {noise.device.type}"
-    if noise.dtype not in _CUDA_DTYPES:
-        return f"fastmae._C takes fp32/bf16/fp16 noise, got {noise.dtype}"
-    return _cuda_patches_why_not(noise.shape[1])
+def _patches_limit(limit: Callable[[], int], why: str) -> Callable[..., str | None]:
+    def limits(*args: object) -> str | None:
+        num_patches = args[0].shape[1] if isinstance(args[0], torch.Tensor) else args[1]  # noise, or philox's L
+        return f"L={num_patches} patches > {limit()} ({why})" if num_patches > limit() else None
+
+    return limits
 
 
-def _cuda(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.ops.fastmae.random_masking(noise, len_keep)
+def _triton_max_patches() -> int:
+    from fastmae.kernels.random_masking import MAX_PATCHES
 
+    return MAX_PATCHES
+
+
+_TRITON_LIMITS = _patches_limit(_triton_max_patches, "the triton kernel ranks a whole row in registers")
+_CUDA_LIMITS = _patches_limit(lambda: MAX_CUDA_PATCHES, "the CUDA kernel sorts a sample in one thread block")
+
+
+def _backend(name: str, fn: Callable, **rules: object) -> Backend:
+    return Backend(name, functools.partial(fn, backend=name), dtypes=FLOAT_DTYPES, auto_devices=("cuda",), **rules)
+
+
+def _case(num_patches: int, len_keep: int, ties: bool = False) -> Callable[..., tuple]:
+    """``(noise (N, L), len_keep)``; with ``ties`` the noise takes 8 values only (ties broken by index)."""
+
+    def make(device: torch.device, dtype: torch.dtype, batch: int) -> tuple:
+        noise = rand(batch, num_patches, seed=1, device=device)
+        if ties:
+            noise = (noise * 8).floor() / 8
+        return noise.to(dtype), len_keep
+
+    return make
+
+
+def _min_bytes(noise: torch.Tensor, len_keep: int) -> int:
+    """noise in; ids_keep, ids_restore and the mask out."""
+    n, num_patches = noise.shape
+    return noise.numel() * noise.element_size() + n * len_keep * 8 + n * num_patches * (8 + 4)
+
+
+RANDOM_MASKING_CASES = (Case("L196-K49", _case(196, 49), batch=3),
+                        Case("L256-K64-ties", _case(256, 64, ties=True), batch=2),
+                        Case("L1024-K256", _case(1024, 256), batch=1), Case("L16-K0", _case(16, 0), batch=2))
 
 RANDOM_MASKING = Op(
     "random_masking",
     [  # priority: the cuda kernel measured faster than the triton one on an H200 (bench/results/)
-        Backend("cuda", _cuda, available=_cuda_available, supports=_cuda_supports, auto_devices=("cuda",)),
-        Backend("triton", _triton, available=kernel_module_available("random_masking"), supports=_triton_supports,
-                auto_devices=("cuda",)),
+        _backend("cuda", _random_masking_kernels, available=cuda_available, devices=CUDA_DEVICES,
+                 supports=_CUDA_LIMITS),
+        _backend("triton", _random_masking_kernels, available=triton_available("random_masking"),
+                 devices=triton_devices(), supports=_TRITON_LIMITS),
         Backend("reference", random_masking_reference),
     ],
+    cases=RANDOM_MASKING_CASES, benchmark=Case("vit-b", _case(196, 49)), min_bytes=_min_bytes,
+    kernel_op=random_masking_op,
 )
 
 
@@ -145,8 +137,8 @@ def random_masking(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``noise (N, L)`` -> ``(ids_keep (N, K), ids_restore (N, L), mask (N, L))``; see the reference."""
     check_tensor("noise", noise, ndim=2, floating=True)
-    if not isinstance(len_keep, int) or not 0 < len_keep <= noise.shape[1]:
-        raise ValueError(f"len_keep must be an int in [1, L={noise.shape[1]}], got {len_keep!r}")
+    if not isinstance(len_keep, int) or not 0 <= len_keep <= noise.shape[1]:
+        raise ValueError(f"len_keep must be an int in [0, L={noise.shape[1]}], got {len_keep!r}")
     return RANDOM_MASKING(noise, len_keep, backend=backend)
 
 
@@ -207,42 +199,41 @@ def random_masking_philox_reference(
     return random_masking_reference(philox_noise_reference(num_samples, num_patches, seed, step, device), len_keep)
 
 
-def _triton_philox_supports(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
-                            device: torch.device) -> str | None:
-    return device_why_not(device) or _triton_patches_why_not(num_patches)
+def _random_masking_philox_kernels(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
+                                   device: torch.device,
+                                   *, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed_step = torch.tensor([seed, step], dtype=torch.int64, device=device)  # (2,)
+    return random_masking_philox_op(seed_step, num_samples, num_patches, len_keep, backend)
 
 
-def _triton_philox(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastmae.kernels.random_masking import random_masking_philox_triton
+def _philox_case(num_patches: int, len_keep: int, seed: int, step: int) -> Callable[..., tuple]:
+    """``(num_samples, num_patches, len_keep, seed, step, device)``; ``dtype`` has no role."""
 
-    return random_masking_philox_triton(num_samples, num_patches, len_keep, seed, step, device)
+    def make(device: torch.device, dtype: torch.dtype, batch: int) -> tuple:
+        return batch, num_patches, len_keep, seed, step, device
 
-
-def _cuda_philox_supports(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
-                          device: torch.device) -> str | None:
-    if device.type not in _CUDA_DEVICES:
-        return f"fastmae._C takes cpu/cuda tensors, got {device.type}"
-    return _cuda_patches_why_not(num_patches)
+    return make
 
 
-def _cuda_philox(num_samples: int, num_patches: int, len_keep: int, seed: int, step: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The op reads ``seed_step = [seed, step]`` (int64, on ``device``) in the kernel: a captured CUDA graph
-    that calls ``torch.ops.fastmae.random_masking_philox`` directly advances the step in place."""
-    seed_step = torch.tensor([seed, step], dtype=torch.int64, device=device)
-    return torch.ops.fastmae.random_masking_philox(seed_step, num_samples, num_patches, len_keep)
+def _philox_min_bytes(num_samples: int, num_patches: int, len_keep: int, *_: object) -> int:
+    """The outputs only: no noise tensor."""
+    return num_samples * len_keep * 8 + num_samples * num_patches * (8 + 4)
 
+
+RANDOM_MASKING_PHILOX_CASES = (Case("L196-K49", _philox_case(196, 49, 1234, 7), batch=3),
+                              Case("L256-K64-seed2^40", _philox_case(256, 64, 2**40 + 3, 2**31 - 1), batch=2))
 
 RANDOM_MASKING_PHILOX = Op(
     "random_masking_philox",
     [  # priority: as random_masking's
-        Backend("cuda", _cuda_philox, available=_cuda_available, supports=_cuda_philox_supports,
-                auto_devices=("cuda",)),
-        Backend("triton", _triton_philox, available=kernel_module_available("random_masking"),
-                supports=_triton_philox_supports, auto_devices=("cuda",)),
+        _backend("cuda", _random_masking_philox_kernels, available=cuda_available, devices=CUDA_DEVICES,
+                 supports=_CUDA_LIMITS),
+        _backend("triton", _random_masking_philox_kernels, available=triton_available("random_masking"),
+                 devices=triton_devices(), supports=_TRITON_LIMITS),
         Backend("reference", random_masking_philox_reference),
     ],
+    cases=RANDOM_MASKING_PHILOX_CASES, benchmark=Case("vit-b", _philox_case(196, 49, 1234, 7)),
+    min_bytes=_philox_min_bytes,
 )
 
 
@@ -267,12 +258,13 @@ def random_masking_philox(
     for name, value in (("num_samples", num_samples), ("num_patches", num_patches)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(len_keep, int) or not 0 < len_keep <= num_patches:
-        raise ValueError(f"len_keep must be an int in [1, L={num_patches}], got {len_keep!r}")
+    if not isinstance(len_keep, int) or not 0 <= len_keep <= num_patches:
+        raise ValueError(f"len_keep must be an int in [0, L={num_patches}], got {len_keep!r}")
     if not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if not isinstance(step, int) or not 0 <= step < 2**31:
         raise ValueError(f"step must be an int in [0, 2**31), got {step!r}")
     if num_samples * num_patches > 2**32:
-        raise ValueError(f"num_samples * num_patches must be <= 2**32 (Philox counter), got {num_samples * num_patches}")
+        raise ValueError(f"num_samples * num_patches must be <= 2**32 (Philox counter), "
+                         f"got {num_samples * num_patches}")
     return RANDOM_MASKING_PHILOX(num_samples, num_patches, len_keep, seed, step, torch.device(device), backend=backend)

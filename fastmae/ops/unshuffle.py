@@ -1,13 +1,23 @@
-"""unshuffle: the decoder input -- visible tokens back in patch order, mask tokens elsewhere, pos added."""
+"""unshuffle: the decoder input -- visible tokens back in patch order, mask tokens elsewhere, pos added.
+
+The op's one definition: the reference (the spec), the custom ops ``fastmae::unshuffle`` and
+``fastmae::unshuffle_backward`` (one schema, fake and autograd for the triton and cuda kernels), the
+backends' support rules, and the public function.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
-from fastmae.extension import extension_backend_available
-from fastmae.kernels._common import kernel_module_available, triton_why_not
+from fastmae.ops._cases import masking, randn
 from fastmae.ops._checks import check_same_device, check_tensor
-from fastmae.ops.dispatch import Backend, Op
+from fastmae.ops._kernels import CUDA_DEVICES, FLOAT_DTYPES, cuda_available, kernel, triton_available, triton_devices
+from fastmae.ops.dispatch import Backend, Case, Op
+
+MAX_TRITON_BATCH = 65535  # the triton kernels' grid carries the batch in dimension z
 
 
 def unshuffle_reference(
@@ -28,116 +38,102 @@ def unshuffle_reference(
     return tokens + pos_embed
 
 
-def _triton_supports(
-    x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
-) -> str | None:
-    reason = triton_why_not(x, ids_restore, mask_token, pos_embed)
-    if reason is not None:
-        return reason
-    if pos_embed.requires_grad:
-        return "pos_embed requires grad, but the Triton kernel treats it as a fixed table (no gradient)"
-    if x.shape[0] > 65535:  # CUDA's limit on grid dimension z
-        return f"batch {x.shape[0]} > 65535 (the kernels' grid carries the batch in dimension z)"
-    return None
+# ---- the kernels' op: one schema, fake and autograd for every kernel backend ----
+
+@torch.library.custom_op("fastmae::unshuffle", mutates_args=())
+def unshuffle_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor,
+                 backend: str) -> torch.Tensor:
+    """``x (N, 1+K, Dd)``, ``ids_restore (N, L)`` (a permutation of ``0..L-1`` per row), ``mask_token (1, 1, Dd)``,
+    ``pos_embed (1, L+1, Dd)`` -> ``(N, L+1, Dd)`` in the promotion of the three float dtypes."""
+    return kernel(backend, "unshuffle", "unshuffle")(x, ids_restore, mask_token, pos_embed)
 
 
-def _triton(
-    x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
-) -> torch.Tensor:
-    from fastmae.kernels.unshuffle import unshuffle_triton
-
-    return unshuffle_triton(x, ids_restore, mask_token, pos_embed)
-
-
-CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _out_dtype(x: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor) -> torch.dtype:
-    """The reference's output dtype: ``cat`` promotes x with the mask token, ``+`` with pos."""
-    return torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
-
-
-def _unshuffle_fake(
-    x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
-) -> torch.Tensor:
-    """``fastmae::unshuffle`` on fake/meta tensors: ``(N, L+1, Dd)`` in the promoted dtype."""
-    torch._check(
-        len({x.device, ids_restore.device, mask_token.device, pos_embed.device}) == 1,
-        lambda: f"unshuffle: all tensors must be on one device, got x on {x.device}, ids_restore on "
-        f"{ids_restore.device}, mask_token on {mask_token.device}, pos_embed on {pos_embed.device}",
-    )
+@unshuffle_op.register_fake
+def _(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor,
+      backend: str) -> torch.Tensor:
     n, _, dd = x.shape
-    return x.new_empty((n, ids_restore.shape[1] + 1, dd), dtype=_out_dtype(x, mask_token, pos_embed))
+    dtype = torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
+    return x.new_empty((n, ids_restore.shape[1] + 1, dd), dtype=dtype)
 
 
-def _unshuffle_backward_fake(
-    grad_out: torch.Tensor, ids_restore: torch.Tensor, len_keep: int, x_dtype: torch.dtype,
-    mask_token_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fastmae::unshuffle_backward`` on fake/meta tensors: ``grad_x (N, 1+K, Dd)`` in ``x_dtype``,
-    ``grad_mask_token (1, 1, Dd)`` in ``mask_token_dtype``."""
-    n, _, dd = grad_out.shape
-    return (grad_out.new_empty((n, len_keep + 1, dd), dtype=x_dtype),
-            grad_out.new_empty((1, 1, dd), dtype=mask_token_dtype))
+@torch.library.custom_op("fastmae::unshuffle_backward", mutates_args=())
+def unshuffle_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor, len_keep: int, x_dtype: torch.dtype,
+                          mask_token_dtype: torch.dtype, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grad (N, L+1, Dd)`` (any strides) -> ``grad_x (N, 1+K, Dd)`` in ``x_dtype``, ``grad_mask_token (1, 1, Dd)``
+    in ``mask_token_dtype`` (the sum over the removed positions)."""
+    return kernel(backend, "unshuffle", "unshuffle_backward")(grad, ids_restore, len_keep, x_dtype, mask_token_dtype)
 
 
-def _cuda_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
-    x, ids_restore, mask_token, _ = inputs
+@unshuffle_backward_op.register_fake
+def _(grad: torch.Tensor, ids_restore: torch.Tensor, len_keep: int, x_dtype: torch.dtype,
+      mask_token_dtype: torch.dtype, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n, _, dd = grad.shape
+    return grad.new_empty((n, len_keep + 1, dd), dtype=x_dtype), grad.new_empty((1, 1, dd), dtype=mask_token_dtype)
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    x, ids_restore, mask_token, _, backend = inputs
     ctx.save_for_backward(ids_restore)
-    ctx.len_keep = x.shape[1] - 1
-    ctx.x_dtype = x.dtype
-    ctx.mask_token_dtype = mask_token.dtype
+    ctx.args = (x.shape[1] - 1, x.dtype, mask_token.dtype, backend)
 
 
-def _cuda_backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+    """Gradients for x and mask_token; pos_embed is a fixed table (``no_grad``)."""
     (ids_restore,) = ctx.saved_tensors
-    # the C++ op takes any strides (e.g. the expanded ones of ``out.sum()``'s gradient) and copies once
-    grad_x, grad_tok = torch.ops.fastmae.unshuffle_backward(grad, ids_restore, ctx.len_keep, ctx.x_dtype,
-                                                            ctx.mask_token_dtype)
-    return grad_x, None, grad_tok, None  # pos_embed is a fixed table: _cuda_supports refuses it requiring grad
+    grad_x, grad_tok = unshuffle_backward_op(grad, ids_restore, *ctx.args)
+    return grad_x, None, grad_tok, None, None
 
 
-def _register_cuda() -> None:
-    """Fake implementations of both schemas and the autograd of fastmae::unshuffle."""
-    torch.library.register_fake("fastmae::unshuffle")(_unshuffle_fake)
-    torch.library.register_fake("fastmae::unshuffle_backward")(_unshuffle_backward_fake)
-    torch.library.register_autograd("fastmae::unshuffle", _cuda_backward, setup_context=_cuda_setup_context)
+unshuffle_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _cuda_supports(
-    x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
-) -> str | None:
-    """cpu (the C++ implementation), cuda or meta tensors on one device; fp32/bf16/fp16; pos_embed without grad."""
-    tensors = {"x": x, "ids_restore": ids_restore, "mask_token": mask_token, "pos_embed": pos_embed}
-    for name, t in tensors.items():
-        if t.device.type not in ("cpu", "cuda", "meta"):
-            return f"fastmae._C takes cpu, cuda or meta tensors, got {name} on {t.device}"
-        if t.is_floating_point() and t.dtype not in CUDA_DTYPES:
-            return f"fastmae._C takes fp32/bf16/fp16, got {name} {t.dtype}"
-    if len({t.device for t in tensors.values()}) > 1:
-        return "tensors on several devices: " + ", ".join(f"{k} on {t.device}" for k, t in tensors.items())
-    if pos_embed.requires_grad:
-        return "pos_embed requires grad, but the cuda backend treats it as a fixed table (no gradient)"
+def _triton_limits(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                   pos_embed: torch.Tensor) -> str | None:
+    if x.shape[0] > MAX_TRITON_BATCH:
+        return f"batch {x.shape[0]} > {MAX_TRITON_BATCH} (the triton kernels' grid carries the batch in dimension z)"
     return None
 
 
-def _cuda(
-    x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor
-) -> torch.Tensor:
-    """``fastmae::unshuffle`` (CUDA kernels on cuda tensors, the C++ implementation on cpu ones);
-    ``ids_restore`` must be a permutation of ``0..L-1`` (each kept token's gradient row is written once)."""
-    return torch.ops.fastmae.unshuffle(x, ids_restore, mask_token, pos_embed)
+def _backend(name: str, **rules: object) -> Backend:
+    return Backend(name, functools.partial(unshuffle_op, backend=name), dtypes=FLOAT_DTYPES, no_grad=("pos_embed",),
+                   auto_devices=("cuda",), **rules)
 
+
+def _case(num_patches: int, len_keep: int, width: int) -> Callable[..., tuple]:
+    """``(x (N, 1+K, Dd), ids_restore (N, L), mask_token (1, 1, Dd), pos_embed (1, L+1, Dd))``; the mask token and
+    the pos table fp32, as the model's parameter and buffer."""
+
+    def make(device: torch.device, dtype: torch.dtype, batch: int) -> tuple:
+        x = randn(batch, 1 + len_keep, width, seed=1, device=device, dtype=dtype)
+        _, ids_restore, _ = masking(batch, num_patches, len_keep, seed=2, device=device)
+        return (x, ids_restore, randn(1, 1, width, seed=3, device=device),
+                randn(1, num_patches + 1, width, seed=4, device=device))
+
+    return make
+
+
+def _min_bytes(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor) -> int:
+    """x, ids_restore and the pos table in, the decoder input out."""
+    out_size = torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype).itemsize
+    n, rows = ids_restore.shape[0], ids_restore.shape[1] + 1
+    return (x.numel() * x.element_size() + ids_restore.numel() * 8 + pos_embed.numel() * pos_embed.element_size()
+            + n * rows * x.shape[-1] * out_size)
+
+
+UNSHUFFLE_CASES = (Case("L196-K49", _case(196, 49, 32), batch=3, grad=("x", "mask_token")),
+                  Case("L256-K64", _case(256, 64, 24), batch=2, grad=("x", "mask_token")),
+                  Case("L16-K0", _case(16, 0, 16), batch=2, grad=("x", "mask_token")))
 
 UNSHUFFLE = Op(
     "unshuffle",
     [  # priority: the cuda kernel measured faster than the triton one on an H200 (bench/results/)
-        Backend("cuda", _cuda, available=extension_backend_available(_register_cuda), supports=_cuda_supports,
-                auto_devices=("cuda",)),
-        Backend("triton", _triton, available=kernel_module_available("unshuffle"), supports=_triton_supports,
-                auto_devices=("cuda",)),
+        _backend("cuda", available=cuda_available, devices=CUDA_DEVICES),
+        _backend("triton", available=triton_available("unshuffle"), devices=triton_devices(),
+                 supports=_triton_limits),
         Backend("reference", unshuffle_reference),
     ],
+    cases=UNSHUFFLE_CASES, benchmark=Case("vit-b-decoder", _case(196, 49, 512)), min_bytes=_min_bytes,
+    kernel_op=unshuffle_op,
 )
 
 
@@ -149,13 +145,14 @@ def unshuffle(
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """``x (N, 1+K, Dd)`` -> decoder input ``(N, L+1, Dd)``; see the reference."""
+    """``x (N, 1+K, Dd)`` (cls first), ``ids_restore (N, L)``, ``mask_token (1, 1, Dd)``, ``pos_embed (1, L+1, Dd)``
+    -> the decoder input ``(N, L+1, Dd)``; see the reference."""
     check_tensor("x", x, ndim=3, floating=True)
     n, s, dd = x.shape
     check_tensor("ids_restore", ids_restore, ndim=2, integer=True, shape=(n, None))
     num_patches = ids_restore.shape[1]
-    if not 1 < s <= num_patches + 1:
-        raise ValueError(f"x must hold cls plus 1..L={num_patches} kept tokens, got {s} tokens")
+    if not 1 <= s <= num_patches + 1:
+        raise ValueError(f"x must hold cls plus 0..L={num_patches} kept tokens, got {s} tokens")
     check_tensor("mask_token", mask_token, shape=(1, 1, dd))
     check_tensor("pos_embed", pos_embed, ndim=3, shape=(1, num_patches + 1, dd))
     check_same_device(x=x, ids_restore=ids_restore, mask_token=mask_token, pos_embed=pos_embed)

@@ -22,7 +22,6 @@ from typing import Any, BinaryIO
 import torch
 
 from fastmae.train.distributed import Ranks, all_ranks_agree
-from fastmae.train.faults import maybe_pause
 
 _NAME = re.compile(r"^ckpt-(\d{8})(\.pt)?$")
 COMMIT_MARKER = "COMMITTED"
@@ -89,8 +88,10 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> None:
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, Any], keep_last: int = 3) -> Path:
-    """Write ``state`` atomically as the one-file checkpoint of ``step``; keep the newest ``keep_last``."""
+def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, Any], keep_last: int = 3,
+                    before_commit: Callable[[], None] | None = None) -> Path:
+    """Write ``state`` atomically as the one-file checkpoint of ``step``; keep the newest ``keep_last``.
+    ``before_commit()`` runs once the data is written and flushed, before the rename that commits it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
@@ -98,7 +99,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
     def write(f: BinaryIO) -> None:
         torch.save(state, f)
         f.flush()
-        maybe_pause("pause_in_save", step, 0)
+        if before_commit is not None:
+            before_commit()
 
     write_atomic(final, write)
     prune_checkpoints(directory, keep_last)

@@ -10,7 +10,8 @@ steps from 1, as ``metrics.jsonl`` and checkpoint names do; no rank means every 
 - ``pause_after_save@S``: the run stops after committing checkpoint ``S``.
 
 A pause prints ``fastmae-fault: paused <kind> <step>`` to stderr and sleeps until the process is killed.
-Unset, nothing here does anything.
+``fault_hooks(rank)`` is the ``TrainHooks`` the training loop gets: ``FaultHooks`` when ``FASTMAE_FAULT`` is set,
+else the no-op base class.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
+
+from fastmae.train.hooks import TrainHooks
 
 KINDS = ("nan", "signal", "sigterm", "pause_in_save", "pause_after_save")
 
@@ -51,20 +54,35 @@ def _active(kind: str, step: int, rank: int, from_step_on: bool = False) -> bool
                for f in faults())
 
 
-def poison_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-    """``loss``, or NaN from the step a ``nan`` fault names on."""
-    return loss * float("nan") if _active("nan", step, rank, from_step_on=True) else loss
+class FaultHooks(TrainHooks):
+    """The faults of ``FASTMAE_FAULT`` (module docstring), injected into rank ``rank``'s training loop."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def before_step(self, step: int) -> None:
+        """Send this process the preemption signal a ``signal`` (SIGUSR1) or ``sigterm`` fault names for ``step``."""
+        for kind, sig in (("signal", signal.SIGUSR1), ("sigterm", signal.SIGTERM)):
+            if _active(kind, step, self.rank):
+                os.kill(os.getpid(), sig)
+
+    def on_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """``loss``, or NaN from the step a ``nan`` fault names on."""
+        return loss * float("nan") if _active("nan", step, self.rank, from_step_on=True) else loss
+
+    def before_commit(self, step: int) -> None:
+        self._maybe_pause("pause_in_save", step)
+
+    def after_save(self, step: int) -> None:
+        self._maybe_pause("pause_after_save", step)
+
+    def _maybe_pause(self, kind: str, step: int) -> None:
+        if _active(kind, step, self.rank):
+            print(f"fastmae-fault: paused {kind} {step}", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(60)
 
 
-def maybe_signal(step: int, rank: int) -> None:
-    """Send this process the preemption signal a ``signal`` (SIGUSR1) or ``sigterm`` fault names for ``step``."""
-    for kind, sig in (("signal", signal.SIGUSR1), ("sigterm", signal.SIGTERM)):
-        if _active(kind, step, rank):
-            os.kill(os.getpid(), sig)
-
-
-def maybe_pause(kind: str, step: int, rank: int) -> None:
-    if _active(kind, step, rank):
-        print(f"fastmae-fault: paused {kind} {step}", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(60)
+def fault_hooks(rank: int) -> TrainHooks:
+    """``FaultHooks(rank)`` when ``FASTMAE_FAULT`` names any fault (checked here), else the no-op ``TrainHooks()``."""
+    return FaultHooks(rank) if faults() else TrainHooks()

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from fastmae.train.distributed import Ranks
+from fastmae.train.exit_codes import EXIT_NONFINITE  # noqa: F401  (re-exported)
 
-EXIT_NONFINITE = 3
 
 
 class NonFiniteError(RuntimeError):

@@ -13,8 +13,8 @@ import signal
 from types import FrameType
 
 from fastmae.train.distributed import Ranks, all_ranks_agree
+from fastmae.train.exit_codes import EXIT_PREEMPTED  # noqa: F401  (re-exported)
 
-EXIT_PREEMPTED = 75
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

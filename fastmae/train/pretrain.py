@@ -2,39 +2,53 @@
 
 The output folder holds ``config.json`` (the effective configuration), ``metrics.jsonl`` (one object per logged
 step: step, loss, lr, img_per_s, skipped_steps, grad_norm), TensorBoard events in ``tensorboard/``,
-``checkpoints/`` and ``reconstruction.png``. Running the same command again resumes from the newest complete
+``checkpoints/``, ``loss.png`` (the losses against the step, redrawn at each checkpoint) and ``reconstruction.png``.
+With held-out images (``heldout``; without ``data``, the demo's held-out crops) each row of ``metrics.jsonl`` also
+holds ``heldout_loss`` and ``heldout_baseline`` (``fastmae.train.heldout``), and the figure shows them. Running the same command again resumes from the newest complete
 checkpoint: model, optimiser, loss scaler, step, loader position and every rank's RNG state, and the masks
 are a function of (seed, step) (``fastmae.train.masks``), so an fp32 run with ``deterministic`` resumes
 bit-exactly.
 
 Stops: ``PretrainSummary.status == "preempted"`` after SIGTERM/SIGUSR1 (``fastmae.train.preemption``; the CLI
 exits with 75), ``NonFiniteError`` after too many consecutive non-finite steps (``fastmae.train.nonfinite``;
-the CLI exits with 3).
+the CLI exits with 3). A run whose newest checkpoint is already at its last step is left as it is
+(``status == "already complete"``). Settings that cannot work raise ``SettingError`` before the output folder is
+touched (the CLI exits with 2).
+
+``pretrain()`` builds a ``Trainer`` (data, model, optimiser, loss scaler, non-finite guard) and runs its ``fit``;
+``TrainHooks`` (``fastmae.train.hooks``) are the points where tests inject faults.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from fastmae.data.bad_files import BadImageError
 from fastmae.data.demo import demo_dataset
 from fastmae.data.eval_transform import ImageFiles, eval_transform
-from fastmae.data.loader import pretrain_loader
-from fastmae.model import PRESETS, MaskedAutoencoderViT
+from fastmae.data.images import list_images
+from fastmae.data.loader import dali_available, pretrain_loader
+from fastmae.model import MaskedAutoencoderViT
 from fastmae.train.checkpoint import (list_checkpoints, load_latest_checkpoint, prune_checkpoints, save_checkpoint,
                                       write_atomic)
-from fastmae.train.config import PRECISIONS, PretrainConfig
+from fastmae.train.config import PretrainConfig, SettingError, model_presets
 from fastmae.train.distributed import (Ranks, add_activation_checkpointing, barrier, close_ranks, gradient_sync,
                                        init_ranks, wrap_model)
-from fastmae.train.faults import maybe_pause, maybe_signal, poison_loss
+from fastmae.train.faults import fault_hooks
 from fastmae.train.figure import save_reconstruction_figure
+from fastmae.train.heldout import HeldOut
+from fastmae.train.hooks import TrainHooks
+from fastmae.train.loss_plot import save_loss_plot
 from fastmae.train.masks import mask_noise
 from fastmae.train.nonfinite import NonFiniteError, NonFiniteGuard, optimizer_step, skip_syncs_host
 from fastmae.train.optim import (adapt_optimizer_state, build_optimizer, choose_optimizer, lr_at,
@@ -52,8 +66,11 @@ class PretrainSummary:
     ``steps``: the step the run stopped at (counted from the start, resumed steps included); ``first_loss`` and
     ``final_loss``: the first and last logged loss of this invocation (NaN when it logged none);
     ``img_per_s``: this invocation's training throughput over all ranks (saves excluded); ``output``: the output
-    folder; ``status``: "complete", or "preempted" after SIGTERM/SIGUSR1 and its checkpoint; ``skipped_steps``:
-    non-finite steps skipped since the run began (a resumed run's count included).
+    folder; ``status``: "complete", "preempted" after SIGTERM/SIGUSR1 and its checkpoint, or "already complete"
+    when the newest checkpoint was at (or past) the last step and nothing was done; ``skipped_steps``: non-finite
+    steps skipped since the run began (a resumed run's count included); ``heldout_loss`` and ``heldout_baseline``:
+    the last held-out scores (``fastmae.train.heldout``; NaN without held-out images); ``outputs``: the files and
+    folders of the output folder, for the summary line.
     """
 
     steps: int
@@ -61,8 +78,15 @@ class PretrainSummary:
     final_loss: float
     img_per_s: float
     output: Path
-    status: str = "complete"  # or "preempted"
+    status: str = "complete"  # or "preempted", "already complete"
     skipped_steps: int = 0
+    heldout_loss: float = float("nan")  # the last held-out loss (NaN without held-out images)
+    heldout_baseline: float = float("nan")  # the flat-patch baseline's loss on the same images and masks
+    outputs: tuple[str, ...] = ()  # what the output folder holds, as the summary line lists it
+
+
+DEMO_CROPS_PER_PHOTO = 64  # training crops of each demo photo (fastmae.data.demo)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the config's precisions
 
 
 def _write_json_atomic(path: Path, obj: object) -> None:
@@ -75,8 +99,15 @@ def _total_norm(params: list[nn.Parameter]) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def pretrain(cfg: PretrainConfig, progress: bool = True) -> PretrainSummary:
-    """Train ``cfg.model`` with the MAE objective; resumes from ``cfg.output`` when it holds a checkpoint."""
+def pretrain(cfg: PretrainConfig, progress: bool = True, hooks: TrainHooks | None = None) -> PretrainSummary:
+    """Train ``cfg.model`` with the MAE objective; resumes from ``cfg.output`` when it holds a checkpoint.
+
+    ``hooks``: called at fixed points of the loop (``fastmae.train.hooks``); default: the faults of
+    ``FASTMAE_FAULT`` when it is set (``fastmae.train.faults``), else none. Settings that cannot work raise
+    ``SettingError`` before the output folder is touched, and before any data is read unless they depend on the
+    data (a batch larger than each rank's share of the images).
+    """
+    check_run(cfg)
     deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
@@ -85,7 +116,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> PretrainSummary:
     ranks = init_ranks(cfg.device)
     watch = PreemptionWatch(ranks)
     try:
-        return _pretrain(cfg, ranks, watch, progress)
+        trainer = Trainer(cfg, ranks, hooks if hooks is not None else fault_hooks(ranks.rank), progress)
+        return trainer.fit(watch)
     except NonFiniteError:
         barrier(ranks)  # every rank stops at the same step: leave together, so that none is killed mid-exit
         raise
@@ -95,171 +127,346 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> PretrainSummary:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _pretrain(cfg: PretrainConfig, ranks: Ranks, watch: PreemptionWatch, progress: bool) -> PretrainSummary:
-    out = Path(cfg.output)
-    device = ranks.device
-    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
-    fsdp = cfg.parallel == "fsdp" and ranks.distributed  # fsdp with fp16 is refused by PretrainConfig
-    if ranks.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        data_root = Path(cfg.data) if cfg.data is not None else demo_dataset()  # rank 0 writes the demo files
-    barrier(ranks)
-    data_root = Path(cfg.data) if cfg.data is not None else demo_dataset()
-    param_dtype = PRECISIONS[precision]
-    loader = pretrain_loader(data_root, cfg.batch_size, cfg.img_size, device=device,
-                             dtype=param_dtype if fsdp else torch.float32, seed=cfg.seed, rank=ranks.rank,
-                             world_size=ranks.world_size, num_workers=cfg.num_workers, backend=cfg.loader,
-                             on_bad_file=cfg.on_bad_file, max_skip_fraction=cfg.max_skip_fraction,
-                             check=cfg.bad_file_check)
-    if ranks.is_main:
-        print(f"fastmae pretrain: data: {loader.describe()}", flush=True)
-    steps_per_epoch = len(loader) // cfg.accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"{loader.num_images} images cannot fill one step of {cfg.accum} x {cfg.batch_size} images "
-                         f"on each of {ranks.world_size} ranks")
-    total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    images_per_step = cfg.batch_size * cfg.accum * ranks.world_size
-    base_lr = cfg.blr * images_per_step / 256
-    warmup_steps = int(cfg.warmup_fraction * total_steps)
-    if ranks.is_main:
-        _write_json_atomic(out / "config.json", {
-            **dataclasses.asdict(cfg), "data": str(data_root), "device": str(device), "precision": precision,
-            "world_size": ranks.world_size, "effective_batch_size": images_per_step, "total_steps": total_steps,
-            "lr": base_lr})
+def check_run(cfg: PretrainConfig) -> None:
+    """``SettingError`` for settings that are valid in themselves but cannot run here: a device this machine does
+    not have, a ``data`` path that does not exist, an ``output`` that is a file, the DALI loader without DALI."""
+    if cfg.device is not None:
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise SettingError(f"device must be a name torch knows, such as cpu, cuda or cuda:1, got {cfg.device!r}",
+                               ("device",)) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SettingError(f"device must be cpu on this machine (torch sees no CUDA GPU), got {cfg.device!r}",
+                               ("device",))
+    if cfg.data is not None and not Path(cfg.data).exists():
+        raise SettingError(f"data must be an image folder or a text file listing image paths, got {cfg.data!r}, "
+                           "which does not exist", ("data",))
+    if cfg.heldout is not None and not Path(cfg.heldout).exists():
+        raise SettingError(f"heldout must be an image folder or a text file listing image paths, got "
+                           f"{cfg.heldout!r}, which does not exist", ("heldout",))
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise SettingError(f"output must be a folder, got {cfg.output!r}, which is a file", ("output",))
+    if cfg.loader == "dali" and not dali_available():
+        raise SettingError("loader must be torch or auto here: NVIDIA DALI is not installed (pip install "
+                           "nvidia-dali-cuda130, or fastmae[dali]), got 'dali'", ("loader",))
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = PRESETS[cfg.model](img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss).to(device)
-    num_patches = model.patch_embed.num_patches
-    len_keep = int(num_patches * (1 - cfg.mask_ratio))
-    if cfg.activation_checkpointing:
-        add_activation_checkpointing(model)
-    train_model = wrap_model(model, ranks, cfg.parallel, param_dtype, cfg.compile)
-    optimizer = build_optimizer(model, lr=base_lr, weight_decay=cfg.weight_decay)
-    params = [p for p in model.parameters() if p.requires_grad]
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    guard = NonFiniteGuard(ranks, cfg.max_nonfinite)
-    torch.manual_seed(cfg.seed + ranks.rank)  # each rank its own stream from here on
-    if ranks.is_main:
-        choice = choose_optimizer(device)
-        sync_note = (f"; host sync per step for the non-finite check with {choice.name}"
-                     if skip_syncs_host(optimizer, scaler) else "")
-        print(f"fastmae pretrain: {ranks.world_size} rank(s) ({cfg.parallel if ranks.distributed else 'one process'})"
-              f" on {device.type}, {precision}, optimizer {choice}{sync_note}", flush=True)
 
-    checkpoints = out / "checkpoints"
-    newest = list_checkpoints(checkpoints)[-1:]
-    if fsdp and newest and newest[0].is_file():
-        raise ValueError(f"{newest[0]} is a one-file checkpoint (one process or DDP); resume it with parallel='ddp'")
-    step = 0
+@dataclass
+class StepResult:
+    """What one optimiser step left: its mean loss over the accumulated passes and whether it was skipped (device
+    scalars, not synced), the global gradient norm (a device scalar, or None when not computed) and its lr."""
 
-    def resume(path: Path, state: dict) -> None:
-        nonlocal step
+    loss: torch.Tensor
+    skipped: torch.Tensor
+    grad_norm: torch.Tensor | None
+    lr: float
+
+
+class Trainer:
+    """One rank's pretraining run: built from the config (data, model, optimiser, loss scaler, non-finite guard),
+    then ``fit()``: resume from the newest checkpoint, ``train_step()`` after ``train_step()``, ``save()`` at
+    intervals, the figure at the end. ``step`` counts the optimiser steps done, resumed ones included."""
+
+    def __init__(self, cfg: PretrainConfig, ranks: Ranks, hooks: TrainHooks, progress: bool) -> None:
+        self.cfg, self.ranks, self.hooks, self.progress = cfg, ranks, hooks, progress
+        self.device = ranks.device
+        self.out = Path(cfg.output)
+        self.checkpoints = self.out / "checkpoints"
+        self.precision = cfg.precision or ("bf16" if self.device.type == "cuda" else "fp32")
+        self.param_dtype = DTYPES[self.precision]
+        self.fsdp = cfg.parallel == "fsdp" and ranks.distributed  # fsdp with fp16 is refused by PretrainConfig
+        self.step = 0
+        self._build_data()
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self._build_model()
+        self._build_optimizer()
+        torch.manual_seed(cfg.seed + ranks.rank)  # each rank its own stream from here on
+
+    def _build_data(self) -> None:
+        """The loader of this rank's shard, and the run's length and learning rate, which depend on its size."""
+        cfg, ranks = self.cfg, self.ranks
+        if ranks.is_main and cfg.data is None:  # rank 0 writes the demo files
+            demo_dataset(crops_per_photo=DEMO_CROPS_PER_PHOTO, split="train")
+        barrier(ranks)
+        self.data_root = (Path(cfg.data) if cfg.data is not None
+                          else demo_dataset(crops_per_photo=DEMO_CROPS_PER_PHOTO, split="train"))
+        heldout = (cfg.heldout if cfg.heldout is not None
+                   else demo_dataset(crops_per_photo=DEMO_CROPS_PER_PHOTO, split="heldout") if cfg.data is None
+                   else None)
+        try:
+            self.heldout_files = list_images(heldout) if heldout is not None else []
+        except ValueError as exc:
+            raise SettingError(f"{exc} (heldout {str(heldout)!r})", ("heldout",)) from exc
+        try:
+            self.loader = pretrain_loader(self.data_root, cfg.batch_size, cfg.img_size, device=self.device,
+                                          dtype=self.param_dtype if self.fsdp else torch.float32, seed=cfg.seed,
+                                          rank=ranks.rank, world_size=ranks.world_size, num_workers=cfg.num_workers,
+                                          backend=self._loader_backend(), on_bad_file=cfg.on_bad_file,
+                                          max_skip_fraction=cfg.max_skip_fraction, check=cfg.bad_file_check)
+        except BadImageError:
+            raise
+        except ValueError as exc:  # data that is no image list, or fewer images than one batch per rank
+            raise SettingError(f"{exc} (data {str(self.data_root)!r}, batch_size {cfg.batch_size})",
+                               ("data", "batch_size")) from exc
+        steps_per_epoch = len(self.loader) // cfg.accum
+        if steps_per_epoch < 1:
+            raise SettingError(f"batch_size x accum must fit one step into each rank's share of the "
+                               f"{self.loader.num_images} images of {str(self.data_root)!r} ({ranks.world_size} "
+                               f"rank(s)), got {cfg.batch_size} x {cfg.accum}", ("batch_size", "accum"))
+        self.total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        self.images_per_step = cfg.batch_size * cfg.accum * ranks.world_size
+        self.base_lr = cfg.blr * self.images_per_step / 256
+        self.warmup_steps = int(cfg.warmup_fraction * self.total_steps)
+
+    def _loader_backend(self) -> str:
+        """``cfg.loader``, except that the demo on a CPU takes the torch loader for ``auto``: its 128 px crops
+        decode in no time on DataLoader workers, while DALI's CPU pipeline, sharing two cores with the model,
+        measured 5-10x slower per step (docs/demo-recipe.md)."""
+        if self.cfg.loader == "auto" and self.cfg.data is None and self.device.type == "cpu":
+            return "torch"
+        return self.cfg.loader
+
+    def _build_model(self) -> None:
+        """The model, and ``train_model``: it wrapped for DDP / FSDP, maybe compiled."""
+        cfg = self.cfg
+        self.model = model_presets()[cfg.model](img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss).to(self.device)
+        self.num_patches = self.model.patch_embed.num_patches
+        self.len_keep = int(self.num_patches * (1 - cfg.mask_ratio))
+        self.heldout = (HeldOut(self.heldout_files, cfg.img_size, self.num_patches, cfg.mask_ratio, self.device,
+                                self.param_dtype if self.fsdp else torch.float32)
+                        if self.heldout_files else None)
+        if cfg.activation_checkpointing:
+            add_activation_checkpointing(self.model)
+        self.train_model = wrap_model(self.model, self.ranks, cfg.parallel, self.param_dtype, cfg.compile)
+
+    def _build_optimizer(self) -> None:
+        """AdamW, the fp16 loss scaler (disabled otherwise), the non-finite guard and the autocast context."""
+        cfg = self.cfg
+        self.optimizer = build_optimizer(self.model, lr=self.base_lr, weight_decay=cfg.weight_decay)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.guard = NonFiniteGuard(self.ranks, cfg.max_nonfinite)
+        self.amp = torch.autocast(self.device.type, dtype=self.param_dtype, enabled=self.precision != "fp32")
+
+    def resume(self) -> Path | None:
+        """Load the newest loadable checkpoint of the output folder into the run (``step`` included); its path,
+        or None when there is none."""
+        newest = list_checkpoints(self.checkpoints)[-1:]
+        if self.fsdp and newest and newest[0].is_file():
+            raise SettingError(f"parallel must be ddp to resume {str(newest[0])!r}, a one-file checkpoint (one "
+                               "process or DDP), got fsdp", ("parallel",))
+        resumed = load_latest_checkpoint(self.checkpoints, self._load, self.ranks)
+        return None if resumed is None else resumed[0]
+
+    def _load(self, path: Path, state: dict) -> None:
+        """Apply the checkpoint ``path`` (its training state ``state``) to the model, optimiser and the rest."""
         if path.is_dir():
-            load_sharded(path, model, optimizer)
+            load_sharded(path, self.model, self.optimizer)
         else:
-            model.load_state_dict(state["model"])
-            if saved_by_other_adamw(state["optimizer"], optimizer) and ranks.is_main:
+            self.model.load_state_dict(state["model"])
+            if saved_by_other_adamw(state["optimizer"], self.optimizer) and self.ranks.is_main:
                 print(f"fastmae pretrain: {path.name} was saved by the other AdamW (apex's FusedAdam / torch's "
                       f"AdamW); its moments and step counts are carried over", flush=True)
-            optimizer.load_state_dict(adapt_optimizer_state(state["optimizer"], optimizer))
-        step = restore_training_state(state, scaler, loader, ranks)
-        guard.skipped.fill_(state["skipped_steps"])
+            self.optimizer.load_state_dict(adapt_optimizer_state(state["optimizer"], self.optimizer))
+        self.step = restore_training_state(state, self.scaler, self.loader, self.ranks)
+        self.guard.skipped.fill_(state["skipped_steps"])
 
-    resumed = load_latest_checkpoint(checkpoints, resume, ranks)
-    if resumed is not None and ranks.is_main:
-        print(f"fastmae pretrain: resuming from {resumed[0]} (step {step})", flush=True)
+    def train_step(self) -> StepResult:
+        """One optimiser step: ``cfg.accum`` forward/backward passes, clipping, the non-finite check, the update
+        (skipped when the check fails); ``step`` goes up by one."""
+        cfg, ranks, step = self.cfg, self.ranks, self.step + 1  # step: the number of the step being made
+        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.hooks.before_step(step)
+        step_loss = torch.zeros((), device=self.device)
+        for micro in range(cfg.accum):
+            imgs = next(self.loader)  # (B, 3, S, S)
+            noise = mask_noise(cfg.seed, self.step * cfg.accum + micro, imgs.shape[0], self.num_patches,
+                               self.len_keep, ranks.rank, ranks.world_size, self.device)  # (B, L)
+            with gradient_sync(self.train_model, micro == cfg.accum - 1):
+                with self.amp:
+                    loss, _, _ = self.train_model(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
+                loss = self.hooks.on_loss(loss, step)
+                self.scaler.scale(loss / cfg.accum).backward()
+            step_loss += loss.detach().float() / cfg.accum
+        grad_norm = None
+        if self.scaler.is_enabled() and cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+        if not self.scaler.is_enabled() or cfg.clip_grad is not None:
+            grad_norm = _total_norm(self.params)
+            if cfg.clip_grad is not None:
+                torch.nn.utils.clip_grads_with_norm_(self.params, cfg.clip_grad, grad_norm, foreach=True)
+        # fp16: inf/NaN gradients are the loss scaler's business; only a non-finite loss counts as bad
+        skipped = self.guard.check(step, step_loss, None if self.scaler.is_enabled() else grad_norm)
+        optimizer_step(self.optimizer, self.scaler, skipped)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = step
+        return StepResult(step_loss, skipped, grad_norm, lr)
 
-    log = RunLog(out, ranks, step, total_steps, images_per_step, progress)
-
-    def save() -> None:
-        state = training_state(step, scaler, loader, guard.skipped_total(), ranks)
-        if fsdp:
-            save_sharded(checkpoints, step, model, optimizer, state, ranks)
+    def save(self) -> None:
+        """Checkpoint the current step (collective): one file from rank 0, or every rank's shards under FSDP."""
+        cfg, ranks = self.cfg, self.ranks
+        state = training_state(self.step, self.scaler, self.loader, self.guard.skipped_total(), ranks)
+        before_commit = functools.partial(self.hooks.before_commit, self.step)
+        if self.fsdp:
+            save_sharded(self.checkpoints, self.step, self.model, self.optimizer, state, ranks, before_commit)
             if ranks.is_main:
-                prune_checkpoints(checkpoints, cfg.keep_last)
+                prune_checkpoints(self.checkpoints, cfg.keep_last)
         else:
             if ranks.is_main:
-                save_checkpoint(checkpoints, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                    **state}, keep_last=cfg.keep_last)
+                save_checkpoint(self.checkpoints, self.step, {"model": self.model.state_dict(),
+                                                              "optimizer": self.optimizer.state_dict(), **state},
+                                keep_last=cfg.keep_last, before_commit=before_commit)
             barrier(ranks)
-        maybe_pause("pause_after_save", step, ranks.rank)
-        log.pause_clock()
+        self.hooks.after_save(self.step)
 
-    amp = torch.autocast(device.type, dtype=param_dtype, enabled=precision != "fp32")
-    status = "complete"
-    model.train()
-    try:
-        while step < total_steps:
-            lr = lr_at(step, total_steps, warmup_steps, base_lr, cfg.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            maybe_signal(step + 1, ranks.rank)
-            step_loss = torch.zeros((), device=device)
-            for micro in range(cfg.accum):
-                imgs = next(loader)  # (B, 3, S, S)
-                noise = mask_noise(cfg.seed, step * cfg.accum + micro, imgs.shape[0], num_patches, len_keep,
-                                   ranks.rank, ranks.world_size, device)  # (B, L)
-                with gradient_sync(train_model, micro == cfg.accum - 1):
-                    with amp:
-                        loss, _, _ = train_model(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
-                    loss = poison_loss(loss, step + 1, ranks.rank)
-                    scaler.scale(loss / cfg.accum).backward()
-                step_loss += loss.detach().float() / cfg.accum
-            grad_norm = None
-            if scaler.is_enabled() and cfg.clip_grad is not None:
-                scaler.unscale_(optimizer)
-            if not scaler.is_enabled() or cfg.clip_grad is not None:
-                grad_norm = _total_norm(params)
-                if cfg.clip_grad is not None:
-                    torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad, grad_norm, foreach=True)
-            # fp16: inf/NaN gradients are the loss scaler's business; only a non-finite loss counts as bad
-            skip = guard.check(step + 1, step_loss, None if scaler.is_enabled() else grad_norm)
-            optimizer_step(optimizer, scaler, skip)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            log.add_step(step_loss, skip)
-            preempted = watch.agreed()
-            if step % cfg.log_every == 0 or step == total_steps or preempted:
-                guard.raise_if_exhausted()
-                extra = {"skipped_steps": guard.skipped_total()}
-                if grad_norm is not None:
-                    extra["grad_norm"] = float(grad_norm)
-                log.write(step, lr, extra)
-            if step % cfg.save_every == 0 or step == total_steps or preempted:
-                guard.raise_if_exhausted()
-                save()
-            if preempted:
-                status = "preempted"
-                if watch.signal_name is not None:
-                    print(f"fastmae pretrain (rank {ranks.rank}): {watch.signal_name} received", flush=True)
-                if ranks.is_main:
-                    print(f"fastmae pretrain: preempted: saved step {step} and stopped; the same command resumes",
-                          flush=True)
-                break
-    finally:
-        log.close()
+    def fit(self, watch: PreemptionWatch) -> PretrainSummary:
+        """Resume, train to ``total_steps`` (logging and saving at intervals) or until ``watch`` agrees on a
+        preemption (then save and stop), and draw the figure. A run already at ``total_steps`` changes nothing."""
+        cfg, ranks = self.cfg, self.ranks
+        resumed = self.resume()
+        if self.step >= self.total_steps:
+            return self._already_complete()
+        self._write_config()
+        self._announce(resumed)
+        log = RunLog(self.out, ranks, self.step, self.total_steps, self.images_per_step, self.progress)
+        status = "complete"
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                result = self.train_step()
+                log.add_step(result.loss, result.skipped)
+                preempted = watch.agreed()
+                last = self.step == self.total_steps
+                if self.step % cfg.log_every == 0 or last or preempted:
+                    self.guard.raise_if_exhausted()
+                    extra = {"skipped_steps": self.guard.skipped_total()}
+                    if result.grad_norm is not None:
+                        extra["grad_norm"] = float(result.grad_norm)
+                    extra.update(self.score_heldout(log))
+                    log.write(self.step, result.lr, extra)
+                if self.step % cfg.save_every == 0 or last or preempted:
+                    self.guard.raise_if_exhausted()
+                    self.save()
+                    self.plot_losses()
+                    log.pause_clock()
+                if preempted:
+                    status = "preempted"
+                    if watch.signal_name is not None:
+                        print(f"fastmae pretrain (rank {ranks.rank}): {watch.signal_name} received", flush=True)
+                    if ranks.is_main:
+                        print(f"fastmae pretrain: preempted: saved step {self.step} and stopped; the same command "
+                              "resumes", flush=True)
+                    break
+        finally:
+            log.close()
+        outputs = ["config.json", "metrics.jsonl", "tensorboard/", "checkpoints/", "loss.png"]
+        if status == "complete":
+            _save_figure(cfg, self.model, ranks, self.fsdp, self.loader.files, self.heldout, self.step, self.out)
+            outputs.append("reconstruction.png")
+        return PretrainSummary(self.step, log.first_loss, log.final_loss, log.img_per_s, self.out, status,
+                               self.guard.skipped_total(), self.heldout_loss, self.heldout_baseline, tuple(outputs))
 
-    if status == "complete":
-        _save_figure(cfg, model, ranks, fsdp, loader.files, step, out)
-    return PretrainSummary(step, log.first_loss, log.final_loss, log.img_per_s, out, status, guard.skipped_total())
+    heldout_loss = heldout_baseline = float("nan")
+
+    def score_heldout(self, log: RunLog) -> dict[str, float]:
+        """The held-out loss and its flat-patch baseline, for the metrics row (none without held-out images);
+        the time it takes is not counted as training time."""
+        if self.heldout is None:
+            return {}
+        start = time.perf_counter()
+        with self.amp:
+            self.heldout_loss = self.heldout.score(self.model)  # every rank: under FSDP the forward is collective
+        self.heldout_baseline = self.heldout.baseline
+        log.exclude_time(time.perf_counter() - start)
+        return {"heldout_loss": self.heldout_loss, "heldout_baseline": self.heldout_baseline}
+
+    def plot_losses(self) -> None:
+        """Rank 0 redraws ``loss.png`` from ``metrics.jsonl``."""
+        if self.ranks.is_main:
+            save_loss_plot(self.out / "metrics.jsonl", self.out / "loss.png",
+                           title=f"{self.cfg.model}, {self.cfg.img_size} px, step {self.step} of {self.total_steps}")
+
+    def _write_config(self) -> None:
+        """Rank 0 creates the output folder and writes ``config.json``: the effective configuration."""
+        if not self.ranks.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(self.out / "config.json", {
+            **dataclasses.asdict(self.cfg), "data": str(self.data_root), "device": str(self.device),
+            "precision": self.precision, "world_size": self.ranks.world_size,
+            "effective_batch_size": self.images_per_step, "total_steps": self.total_steps, "lr": self.base_lr})
+
+    def _announce(self, resumed: Path | None) -> None:
+        """Rank 0 prints the data, the setup and where the run resumes."""
+        if not self.ranks.is_main:
+            return
+        ranks = self.ranks
+        print(f"fastmae pretrain: data: {self.loader.describe()}", flush=True)
+        choice = choose_optimizer(self.device)
+        sync_note = (f"; host sync per step for the non-finite check with {choice.name}"
+                     if skip_syncs_host(self.optimizer, self.scaler) else "")
+        print(f"fastmae pretrain: {ranks.world_size} rank(s) "
+              f"({self.cfg.parallel if ranks.distributed else 'one process'}) on {self.device.type}, "
+              f"{self.precision}, optimizer {choice}{sync_note}", flush=True)
+        if resumed is not None:
+            print(f"fastmae pretrain: resuming from {resumed} (step {self.step})", flush=True)
+
+    def _already_complete(self) -> PretrainSummary:
+        """The summary of a run whose checkpoint is already at (or past) ``total_steps``: rank 0 says so and how to
+        extend it; nothing is written."""
+        if self.ranks.is_main:
+            where = (f"at step {self.step} of {self.total_steps}" if self.step == self.total_steps
+                     else f"at step {self.step}, past the {self.total_steps} steps asked for")
+            print(f"fastmae pretrain: {self.out} is already complete: its newest checkpoint is {where}; nothing to do. "
+                  f"To train longer, run again with the same --output and a larger --steps or --epochs: it continues "
+                  f"from step {self.step}.", flush=True)
+        nan = float("nan")
+        return PretrainSummary(self.step, nan, nan, 0.0, self.out, "already complete", self.guard.skipped_total())
 
 
 def _save_figure(cfg: PretrainConfig, model: MaskedAutoencoderViT, ranks: Ranks, fsdp: bool, files: list[Path],
-                 step: int, out: Path) -> None:
-    """``reconstruction.png`` of six of the (good) training ``files``, drawn by rank 0 (FSDP: from the gathered
-    full weights)."""
+                 heldout: HeldOut | None, step: int, out: Path) -> None:
+    """``reconstruction.png``, drawn by rank 0 (FSDP: from the gathered full weights): held-out images with their
+    fixed masks (one per class folder, up to nine, when there are six or more folders; else six spread over the
+    list), or without held-out images six of the (good) training ``files``."""
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not ranks.is_main:
             return
-        model = PRESETS[cfg.model](img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss)
+        model = model_presets()[cfg.model](img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss)
         model.load_state_dict(full)
         model.to(ranks.device)
     elif not ranks.is_main:
         return
+    title = f"{cfg.model}, {cfg.img_size} px, step {step}, mask {cfg.mask_ratio}"
+    if heldout is not None:
+        rows = _figure_rows(heldout.files)
+        save_reconstruction_figure(model, heldout.imgs[rows].float(), out / "reconstruction.png", cfg.mask_ratio,
+                                   title=title + ", held-out images", step=step, heldout=True,
+                                   noise=heldout.noise[rows], labels=[_label(heldout.files[i]) for i in rows])
+        return
     shown = ImageFiles([files[i * len(files) // 6] for i in range(min(6, len(files)))], eval_transform(cfg.img_size))
     sample = torch.stack([shown[i] for i in range(len(shown))])  # (6, 3, S, S)
     save_reconstruction_figure(model, sample.to(ranks.device), out / "reconstruction.png", cfg.mask_ratio,
-                               title=f"{cfg.model}, step {step}, mask {cfg.mask_ratio}")
+                               title=title + ", training images", step=step, heldout=False)
+
+
+def _figure_rows(files: list[Path]) -> list[int]:
+    """The rows of the figure: the first file of each folder (up to nine) when there are six folders or more,
+    else six spread over ``files``."""
+    firsts: dict[Path, int] = {}
+    for i, path in enumerate(files):
+        firsts.setdefault(path.parent, i)
+    if len(firsts) >= 6:
+        return list(firsts.values())[:9]
+    return [i * len(files) // 6 for i in range(min(6, len(files)))]
+
+
+def _label(path: Path) -> str:
+    """A row's label: the folder and file name."""
+    return f"{path.parent.name}/{path.name}"

@@ -62,6 +62,11 @@ class RunLog:
         self.steps += 1
         self.bar.update(1)
 
+    def exclude_time(self, seconds: float) -> None:
+        """Leave ``seconds`` (spent on something else than training, e.g. scoring held-out images) out of the
+        interval's time."""
+        self.interval_start += seconds
+
     def pause_clock(self) -> None:
         """Restart the interval clock (after a checkpoint: saving is not training time)."""
         self.interval_start = time.perf_counter()

@@ -16,6 +16,7 @@ import io
 import json
 import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from fastmae.train.checkpoint import COMMIT_MARKER, EXTRA_STATE, checkpoint_path, fsync_dir, write_atomic
 from fastmae.train.distributed import Ranks, barrier
-from fastmae.train.faults import maybe_pause
 
 _TORCH_TYPES = (torch.dtype, torch.layout, torch.memory_format)
 _ADMITTED = {  # besides DCP's own classes: plain containers, torch.Size, paths, and torch's layout-by-name lookup
@@ -86,8 +86,9 @@ def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
 
 
 def save_sharded(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 extra: dict[str, Any], ranks: Ranks) -> Path:
-    """Collective: every rank writes its shards of ``ckpt-<step>/``; rank 0 writes ``extra`` and then the marker."""
+                 extra: dict[str, Any], ranks: Ranks, before_commit: Callable[[], None] | None = None) -> Path:
+    """Collective: every rank writes its shards of ``ckpt-<step>/``; rank 0 writes ``extra`` and then the marker
+    (``before_commit()`` runs on rank 0 between the two)."""
     final = checkpoint_path(directory, step, sharded=True)
     if ranks.is_main:
         if final.exists():  # the leftover of a crashed save of this step
@@ -97,7 +98,8 @@ def save_sharded(directory: Path, step: int, model: nn.Module, optimizer: torch.
     dcp.save(_app_state(model, optimizer), storage_writer=FileSystemWriter(final, sync_files=True))
     if ranks.is_main:
         write_atomic(final / EXTRA_STATE, lambda f: torch.save(extra, f))
-        maybe_pause("pause_in_save", step, ranks.rank)
+        if before_commit is not None:
+            before_commit()
         marker = json.dumps({"step": step, "world_size": ranks.world_size}).encode()
         write_atomic(final / COMMIT_MARKER, lambda f: f.write(marker))
         fsync_dir(directory)

@@ -30,19 +30,6 @@ def test_reference_matches_textbook(n: int, s: int, h: int, dh: int) -> None:
     assert_rel_close(attention_reference(qkv, h), _per_head_loop(qkv, h), 1e-6, "reference")
 
 
-@pytest.mark.parametrize("n,s,h,dh", SHAPES)
-def test_torch_backend_matches_reference_with_grads(n: int, s: int, h: int, dh: int) -> None:
-    qkv = torch.randn(n, s, 3 * h * dh, generator=torch.Generator().manual_seed(s + 1), requires_grad=True)
-    got = ops.attention(qkv, h, backend="torch")
-    want = ops.attention(qkv, h, backend="reference")
-    assert got.shape == (n, s, h * dh)
-    assert_rel_close(got, want, 1e-5, "forward")
-    upstream = torch.randn_like(want)
-    (g_got,) = torch.autograd.grad(got, qkv, upstream)
-    (g_want,) = torch.autograd.grad(want, qkv, upstream)
-    assert_rel_close(g_got, g_want, 1e-5, "d qkv")
-
-
 def test_public_validates() -> None:
     with pytest.raises(ValueError, match="3 \\* num_heads \\* head_dim"):
         ops.attention(torch.randn(2, 5, 40), 3)
@@ -50,19 +37,15 @@ def test_public_validates() -> None:
         ops.attention(torch.randn(5, 48), 2)
 
 
-# --- triton backend (interpreter on CPU here; the gpu-marked tests run on CUDA) -------------------------------
+# --- kernel backends (triton: the interpreter here) ----------------------------------------------------------
+# tests/ops/test_backends.py checks every backend against the reference on the op's cases (fp32 on CPU,
+# bf16/fp16 on a GPU), determinism, the fake and opcheck; these test what those cases do not reach.
 
+from fastmae.ops._kernels import KERNEL_BACKENDS  # noqa: E402
+
+OP = ops.OPS["attention"]
+KERNELS = [b.name for b in OP.backends if b.name in KERNEL_BACKENDS]
 LOW_PRECISION = [torch.bfloat16, torch.float16]
-# Every (S, Dh) pair of S in {17, 50, 65, 197, 257} x Dh in {32, 64, 80} once, the batch alternating 1 and 3 so
-# that every S and every Dh meets both; H kept at 1-2 (the interpreter costs ~0.3 ms a program). Between them
-# they take every form of the default plans: keys in one tile (S 17, 50, 197) or two (65 = 64 + 16,
-# 257 = 256 + 16), head dims in one (32, 64) or two (80 = 64 + 16), the fused backward with and without the
-# tail key tile, the split backward (Dh 80; S 257) with its 9 dK/dV and 5 dQ blocks at S 257.
-TRITON_SHAPES = [(1, 17, 2, 32), (3, 17, 2, 64), (1, 17, 2, 80),
-                 (3, 50, 2, 32), (1, 50, 2, 64), (3, 50, 1, 80),
-                 (1, 65, 2, 32), (3, 65, 1, 64), (3, 65, 2, 80),
-                 (1, 197, 2, 32), (3, 197, 1, 64), (1, 197, 1, 80),
-                 (1, 257, 2, 32), (1, 257, 1, 64), (3, 257, 1, 80)]
 
 
 def _qkv(n: int, s: int, h: int, dh: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -82,20 +65,25 @@ def _upstream(n: int, s: int, h: int, dh: int, device: str = "cpu") -> torch.Ten
     return torch.randn(n, s, h * dh, generator=torch.Generator().manual_seed(1)).to(device)
 
 
-@pytest.mark.parametrize("n,s,h,dh", TRITON_SHAPES, ids=lambda v: str(v))
-def test_triton_matches_reference_fp32(n: int, s: int, h: int, dh: int) -> None:
+# The op's cases (S 50/65/197/257/17 with Dh 64/80/32/32/16) take most forms of the default plans (keys in one
+# tile or two, head dims in one or two, fused and split backwards); these are the forms they lack: the fused
+# backward with a tail key tile (S 65 = 64 + 16, Dh 32), the split backward at a single key tile with the head dim
+# in two parts (S 17, Dh 80: 64 + 16) and the looping forward with the head dim in two parts (S 197, Dh 80).
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+@pytest.mark.parametrize("n,s,h,dh", [(3, 65, 1, 32), (1, 17, 2, 80), (1, 197, 1, 80)], ids=lambda v: str(v))
+def test_plan_forms_the_cases_lack(backend: str, n: int, s: int, h: int, dh: int) -> None:
     # The kernels compute in fp32 with an exact (not online) softmax over the whole key row, so the only
     # differences from the reference are fp32 summation orders: 1e-5 holds with a wide margin (~4e-7 seen).
     qkv = _qkv(n, s, h, dh, seed=s + dh)
     upstream = _upstream(n, s, h, dh)
-    (out, grad), (want_out, want_grad) = _run("triton", qkv, h, upstream), _run("reference", qkv, h, upstream)
+    (out, grad), (want_out, want_grad) = _run(backend, qkv, h, upstream), _run("reference", qkv, h, upstream)
     assert out.dtype == want_out.dtype and out.shape == (n, s, h * dh)
     assert_rel_close(out, want_out, 1e-5, "forward")
     assert_rel_close(grad, want_grad, 1e-5, "d qkv")
 
 
 def test_two_parts_cover_with_least_padding() -> None:
-    from fastmae.kernels.attention import two_parts
+    from fastmae.kernels.attention_plan import two_parts
 
     want = {1: (16, 0), 16: (16, 0), 17: (32, 0), 32: (32, 0), 33: (32, 16), 50: (64, 0), 65: (64, 16),
             80: (64, 16), 96: (64, 32), 100: (128, 0), 128: (128, 0), 197: (256, 0), 257: (256, 16),
@@ -109,7 +97,7 @@ def test_two_parts_cover_with_least_padding() -> None:
 def test_plan_check_names_what_does_not_fit() -> None:
     from dataclasses import replace
 
-    from fastmae.kernels.attention import default_plan
+    from fastmae.kernels.attention_plan import default_plan
 
     plan = default_plan(65, 80)
     plan.check(65, 80)
@@ -126,19 +114,21 @@ def test_plan_check_names_what_does_not_fit() -> None:
 def test_every_tuning_plan_matches_reference_fp32(s: int, dh: int) -> None:
     from dataclasses import replace
 
-    from fastmae.kernels.attention import attention_backward, attention_forward, default_plan, tuning_plans
+    from fastmae.kernels.attention import attention, attention_backward
+    from fastmae.kernels.attention_plan import default_plan
+    from fastmae.kernels.attention_tuning import tuning_plans
 
     n, h = 1, 1
     qkv = _qkv(n, s, h, dh, seed=7)
     upstream = _upstream(n, s, h, dh)
     want_out, want_grad = _run("reference", qkv, h, upstream)
-    out, lse = attention_forward(qkv.detach(), h, default_plan(s, dh))
+    out, lse = attention(qkv.detach(), h, default_plan(s, dh))
     checked = 0
     for part, plans in tuning_plans(s, dh).items():
         one_per_tiling = {replace(p, fwd_warps=4, bwd_warps=4, dkdv_warps=4, dq_warps=4): None for p in plans}
         for plan in one_per_tiling:
             if part == "forward":
-                assert_rel_close(attention_forward(qkv.detach(), h, plan)[0], want_out, 1e-5, f"{part}: {plan}")
+                assert_rel_close(attention(qkv.detach(), h, plan)[0], want_out, 1e-5, f"{part}: {plan}")
             else:
                 got = attention_backward(upstream, qkv.detach(), out, lse, h, plan)
                 assert_rel_close(got, want_grad, 1e-5, f"{part}: {plan}")
@@ -152,13 +142,14 @@ def test_backward_takes_the_looped_forwards_out_and_lse(s: int, dh: int, loop: i
     default backward (split at 65/80 and 257/32, reading out; fused at 197/32) gives the reference gradient."""
     from dataclasses import replace
 
-    from fastmae.kernels.attention import attention_backward, attention_forward, default_plan
+    from fastmae.kernels.attention import attention, attention_backward
+    from fastmae.kernels.attention_plan import default_plan
 
     plan = replace(default_plan(s, dh), fwd_loop=loop, fwd_block_m=32)
     qkv = _qkv(1, s, 1, dh, seed=11)
     upstream = _upstream(1, s, 1, dh)
     want_out, want_grad = _run("reference", qkv, 1, upstream)
-    out, lse = attention_forward(qkv.detach(), 1, plan)
+    out, lse = attention(qkv.detach(), 1, plan)
     q, k = qkv.detach()[..., :dh], qkv.detach()[..., dh:2 * dh]  # (1, S, Dh) each
     want_lse = torch.logsumexp(q @ k.transpose(1, 2) * dh**-0.5, dim=-1)  # (1, S)
     assert_rel_close(out, want_out, 1e-5, "forward")
@@ -181,23 +172,25 @@ def test_triton_is_picked_by_priority_only_where_it_measured_faster() -> None:
     assert by_dtype == {torch.bfloat16: True, torch.float16: True, torch.float32: False}  # fp32: not measured
 
 
-def test_triton_reads_a_strided_qkv() -> None:
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_reads_a_strided_qkv(backend: str) -> None:
     """qkv as a view with row padding (stride(1) > 3*H*Dh) and a batch stride of its own: read in place."""
     base = _qkv(3, 50, 2, 64, seed=5).detach()
     padded = torch.cat([base, torch.zeros(3, 50, 8)], dim=-1)[..., :384].requires_grad_()  # (3, 50, 384) view
     assert padded.stride(1) == 392
     upstream = _upstream(3, 50, 2, 64)
-    for got, want in zip(_run("triton", padded, 2, upstream), _run("reference", padded, 2, upstream)):
+    for got, want in zip(_run(backend, padded, 2, upstream), _run("reference", padded, 2, upstream)):
         assert_rel_close(got, want, 1e-5, "strided")
 
 
-def test_triton_deterministic_and_non_contiguous_grad() -> None:
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_expanded_upstream_gradient(backend: str) -> None:
+    """The gradient of ``out.sum()`` (an upstream expanded from a scalar: stride 0) as of a dense upstream of 1s."""
     qkv = _qkv(1, 65, 2, 80, seed=2)
-    first = ops.attention(qkv, 2, backend="triton")
-    (g_expanded,) = torch.autograd.grad(first.sum(), qkv)  # upstream expanded from a scalar
-    (g_dense,) = torch.autograd.grad(ops.attention(qkv, 2, backend="triton"), qkv, torch.ones_like(first))
+    first = ops.attention(qkv, 2, backend=backend)
+    (g_expanded,) = torch.autograd.grad(first.sum(), qkv)
+    (g_dense,) = torch.autograd.grad(ops.attention(qkv, 2, backend=backend), qkv, torch.ones_like(first))
     assert torch.equal(g_expanded, g_dense)
-    assert torch.equal(first, ops.attention(qkv, 2, backend="triton"))
 
 
 # Interpreter, bf16/fp16 inputs vs the reference on the same inputs (which computes in fp32 and rounds once):
@@ -209,51 +202,36 @@ def test_triton_deterministic_and_non_contiguous_grad() -> None:
 LOW_TOL = {torch.bfloat16: (2.0**-7, 2.0**-5), torch.float16: (2.0**-11, 2.0**-9)}
 
 
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("n,s,h,dh", [(3, 50, 2, 64), (1, 197, 1, 32), (1, 65, 2, 80)], ids=lambda v: str(v))
-def test_triton_low_precision_interpreter(dtype: torch.dtype, n: int, s: int, h: int, dh: int) -> None:
+def test_low_precision_on_cpu(backend: str, dtype: torch.dtype, n: int, s: int, h: int, dh: int) -> None:
     qkv = _qkv(n, s, h, dh, dtype, seed=3)
     upstream = _upstream(n, s, h, dh)
-    (out, grad), (want_out, want_grad) = _run("triton", qkv, h, upstream), _run("reference", qkv, h, upstream)
+    (out, grad), (want_out, want_grad) = _run(backend, qkv, h, upstream), _run("reference", qkv, h, upstream)
     assert out.dtype == want_out.dtype == dtype and grad.dtype == dtype
     tol_out, tol_grad = LOW_TOL[dtype]
     assert_rel_close(out, want_out, tol_out, "forward")
     assert_rel_close(grad, want_grad, tol_grad, "d qkv")
 
 
-def test_triton_supports_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    triton_backend = ops.OPS["attention"].backend("triton")
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_supports_refuses(backend: str, without_interpreter: object) -> None:
+    rules = OP.backend(backend)
     ok = torch.randn(2, 257, 3 * 2 * 32)
-    assert triton_backend.why_not((ok, 2)) is None
-    assert ops.OPS["attention"].select((ok, 2)).name == "torch"  # CPU: not by priority
+    assert rules.why_not((ok, 2), OP.arg_names) is None
+    assert OP.select((ok, 2)).name == "torch"  # CPU: the kernels run only when named
     refused = {
         "S = 513 > 512": (torch.randn(1, 513, 3 * 32), 1),
         "head dims up to 128, got 160": (torch.randn(1, 10, 3 * 160), 1),
-        "fp32/bf16/fp16": (torch.randn(1, 10, 3 * 64, dtype=torch.float64), 1),
+        f"{backend} takes fp32/bf16/fp16, got qkv torch.float64": (torch.randn(1, 10, 3 * 64, dtype=torch.float64), 1),
     }
     for reason, args in refused.items():
-        assert reason in (triton_backend.why_not(args) or ""), reason
+        assert reason in (rules.why_not(args, OP.arg_names) or ""), reason
         with pytest.raises(ops.BackendUnavailableError, match=reason):
-            ops.attention(*args, backend="triton")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert "interpreter" in triton_backend.why_not((ok, 2))
-
-
-def test_triton_ops_schema_and_autograd_registration() -> None:
-    """opcheck's checks that run under the interpreter (fake-tensor and compile checks need a GPU)."""
-    from fastmae.kernels.attention import attention_backward_op, attention_op
-
-    checks = ("test_schema", "test_autograd_registration")
-    qkv = _qkv(2, 17, 2, 32)
-    torch.library.opcheck(attention_op, (qkv, 2), test_utils=checks)
-    out, lse = attention_op(qkv.detach(), 2)
-    torch.library.opcheck(attention_backward_op, (torch.randn(2, 17, 64), qkv.detach(), out, lse, 2),
-                          test_utils=checks)
-
-
-# ViT-B/L encoder (S 50, Dh 64), ViT-H encoder (S 65, Dh 80), decoder (S 197 / 257, Dh 32), and S = 17.
-GPU_SHAPES = [(64, 50, 12, 64), (32, 50, 16, 64), (32, 65, 16, 80), (16, 197, 16, 32), (16, 257, 16, 32),
-              (8, 17, 2, 80)]
+            ops.attention(*args, backend=backend)
+    if backend == "triton":  # without the interpreter, CPU tensors are refused with a reason naming it
+        assert "interpreter" in without_interpreter(rules).why_not((ok, 2), OP.arg_names)
 
 
 def _assert_low_precision_rule(backend: str, qkv32: torch.Tensor, low: torch.Tensor, h: int,
@@ -280,42 +258,14 @@ def _skip_without_xformers() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch", "triton", "xformers"])
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("n,s,h,dh", GPU_SHAPES, ids=lambda v: str(v))
-def test_gpu_low_precision_vs_fp32_reference(backend: str, dtype: torch.dtype, n: int, s: int, h: int,
-                                             dh: int) -> None:
-    if backend == "xformers":
-        _skip_without_xformers()
-    qkv32 = _qkv(n, s, h, dh, device="cuda", seed=s)
-    low = qkv32.detach().to(dtype).requires_grad_()
-    upstream = _upstream(n, s, h, dh, device="cuda")
-    got = _assert_low_precision_rule(backend, qkv32, low, h, upstream)
-    if backend == "triton":
-        again = _run("triton", low, h, upstream)
-        assert all(torch.equal(a, b) for a, b in zip(got, again))  # no atomics: bit-identical run to run
-
-
-@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("n,s,h,dh", [(4, 50, 12, 64), (2, 257, 16, 32)], ids=lambda v: str(v))
-def test_triton_gpu_fp32(n: int, s: int, h: int, dh: int) -> None:
+def test_gpu_fp32(backend: str, n: int, s: int, h: int, dh: int) -> None:
     qkv = _qkv(n, s, h, dh, device="cuda", seed=s)
     upstream = _upstream(n, s, h, dh, device="cuda")
-    for got, want, name in zip(_run("triton", qkv, h, upstream), _run("reference", qkv, h, upstream),
+    for got, want, name in zip(_run(backend, qkv, h, upstream), _run("reference", qkv, h, upstream),
                                ("forward", "d qkv")):
         assert_rel_close(got, want, 1e-5, name)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
-def test_triton_gpu_opcheck(dtype: torch.dtype) -> None:
-    from fastmae.kernels.attention import attention_backward_op, attention_op
-
-    qkv = _qkv(4, 65, 4, 80, dtype, device="cuda")
-    torch.library.opcheck(attention_op, (qkv, 4))
-    out, lse = attention_op(qkv.detach(), 4)
-    grad = torch.randn(4, 65, 320, device="cuda", dtype=dtype)
-    torch.library.opcheck(attention_backward_op, (grad, qkv.detach(), out, lse, 4))
 
 
 # --- xformers backend (CUDA only; absent xformers is a skip with its reason) ---------------------------------

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from fastmae import ops
 from fastmae.ops.layer_norm import layer_norm_reference
-from numerics import assert_rel_close, rel_err
+from numerics import assert_rel_close
 
 
 @pytest.mark.parametrize("shape", [(3, 50, 768), (1, 197, 512), (5, 65, 80)])
@@ -16,15 +16,14 @@ def test_reference_matches_functional(shape: tuple[int, ...], eps: float) -> Non
     assert_rel_close(layer_norm_reference(x, w, b, eps), F.layer_norm(x, shape[-1:], w, b, eps), 1e-6, "LN")
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("residual", [False, True])
-def test_backends_match_with_grads(backend: str, residual: bool) -> None:
+def test_reference_matches_functional_with_grads(residual: bool) -> None:
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3, 65, 96, generator=g, requires_grad=True)
     r = torch.randn(3, 65, 96, generator=g, requires_grad=True) if residual else None
     w = torch.randn(96, generator=g, requires_grad=True)
     b = torch.randn(96, generator=g, requires_grad=True)
-    got = ops.layer_norm(x, w, b, 1e-6, r, backend=backend)
+    got = ops.layer_norm(x, w, b, 1e-6, r, backend="reference")
     total = x + r if residual else x
     want = F.layer_norm(total, (96,), w, b, 1e-6)
     if residual:
@@ -47,7 +46,14 @@ def test_public_validates() -> None:
         ops.layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(8), residual=torch.randn(2, 7))
 
 
-# --- triton backend (interpreter on CPU here; the gpu-marked tests run on CUDA) -------------------------------
+# --- kernel backends (triton: the interpreter here) ----------------------------------------------------------
+# tests/ops/test_backends.py checks every backend against the reference on the op's cases (fp32 on CPU,
+# bf16/fp16 on a GPU), determinism, the fake and opcheck; these test what those cases do not reach.
+
+from fastmae.ops._kernels import KERNEL_BACKENDS  # noqa: E402
+
+OP = ops.OPS["layer_norm"]
+KERNELS = [b.name for b in OP.backends if b.name in KERNEL_BACKENDS]
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 # One rounding of an fp32 value to bf16/fp16: on a GPU round-to-nearest-even (<= half an ulp: 2^-9 bf16,
@@ -95,23 +101,18 @@ def _upcast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.detach().float().requires_grad_() for t in tensors]
 
 
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("shape", [
-    (3, 50, 768),  # ViT-B encoder, patch 16: 1 + 49 visible tokens
-    (1, 65, 1280),  # ViT-H encoder, patch 14: 1 + 64 visible tokens
-    (1, 197, 512),  # decoder, patch 16 (196 patches + cls)
-    (3, 257, 512),  # decoder, patch 14 (256 patches + cls)
-    (2, 50, 1024),  # ViT-L encoder
-    (3, 7, 96),  # small widths, not powers of two
-    (5, 65, 80),
     (7, 24),  # plain (R, D)
     (2, 3, 5, 96),  # 4-D
-    (1, 3, 4096),  # the widest rows the Triton backend takes
+    (1, 3, 4096),  # the widest rows the triton backend takes
+    (3, 7, 96),  # small widths, not powers of two
 ])
-def test_triton_matches_reference_fp32(shape: tuple[int, ...], residual: bool) -> None:
+def test_shapes_the_cases_lack(backend: str, shape: tuple[int, ...], residual: bool) -> None:
     args = _inputs(shape, residual, seed=shape[-1] + len(shape))
     upstream = _upstream(shape, residual)
-    got, want = _run("triton", *args, upstream), _run("reference", *args, upstream)
+    got, want = _run(backend, *args, upstream), _run("reference", *args, upstream)
     for g, w, name in zip(got, want, _names(residual)):
         assert g.dtype == w.dtype and g.shape == w.shape, name
         if name == "sum":
@@ -120,11 +121,12 @@ def test_triton_matches_reference_fp32(shape: tuple[int, ...], residual: bool) -
             assert_rel_close(g, w, 1e-5, name)
 
 
-def test_triton_eps_is_used() -> None:
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_eps_is_used(backend: str) -> None:
     args = _inputs((1, 50, 96), False)
     args[0].data.mul_(1e-3)  # variance ~1e-5: eps 1e-2 changes the result a lot
     upstream = _upstream((1, 50, 96), False)
-    for got, want, name in zip(_run("triton", *args, upstream, eps=1e-2), _run("reference", *args, upstream, eps=1e-2),
+    for got, want, name in zip(_run(backend, *args, upstream, eps=1e-2), _run("reference", *args, upstream, eps=1e-2),
                                _names(False)):
         assert_rel_close(got, want, 1e-5, name)
 
@@ -144,52 +146,58 @@ def test_triton_gpu_tiling_several_steps_per_program(monkeypatch: pytest.MonkeyP
         assert_rel_close(got, want, 1e-5, name)
 
 
-def test_triton_only_some_outputs_and_inputs_need_grad() -> None:
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_only_some_outputs_and_inputs_need_grad(backend: str) -> None:
     x, w, b, r = _inputs((3, 50, 96), True, seed=4)
     outs = {}
-    for backend in ("triton", "reference"):
-        out, total = ops.layer_norm(x, w, b, 1e-6, r, backend=backend)
+    for name in (backend, "reference"):
+        out, total = ops.layer_norm(x, w, b, 1e-6, r, backend=name)
         only_sum = torch.autograd.grad(total.square().sum(), (x, r), retain_graph=True)  # the norm's output unused
         only_out = torch.autograd.grad(out.square().sum(), (x, w, b, r))  # the sum unused
-        out = ops.layer_norm(x.detach(), w, b, 1e-6, r.detach(), backend=backend)[0]
+        out = ops.layer_norm(x.detach(), w, b, 1e-6, r.detach(), backend=name)[0]
         only_params = torch.autograd.grad(out.sum(), (w, b))  # x and residual need no grad
         residual_only = torch.autograd.grad(ops.layer_norm(x.detach(), w.detach(), b.detach(), 1e-6, r,
-                                                           backend=backend)[0].square().sum(), r)
-        outs[backend] = [*only_sum, *only_out, *only_params, *residual_only]
-    for got, want in zip(outs["triton"], outs["reference"]):
+                                                           backend=name)[0].square().sum(), r)
+        outs[name] = [*only_sum, *only_out, *only_params, *residual_only]
+    for got, want in zip(outs[backend], outs["reference"]):
         assert_rel_close(got, want, 1e-5, "gradient")
 
 
-def test_triton_noncontiguous_inputs_and_upstream() -> None:
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_noncontiguous_inputs_and_upstream(backend: str) -> None:
     x, w, b, r = _inputs((2, 50, 96), True, seed=5)
     x_t = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # same values, strided
     r_t = r.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     assert not x_t.is_contiguous() and not r_t.is_contiguous()
     w_s = torch.randn(192).requires_grad_()
     outs = {}
-    for backend in ("triton", "reference"):
-        out, total = ops.layer_norm(x_t, w_s[::2], b, 1e-6, r_t, backend=backend)
-        outs[backend] = [out, total, *torch.autograd.grad(out.sum() + total.sum(), (x_t, w_s, b, r_t))]  # expanded 1s
-    for got, want in zip(outs["triton"], outs["reference"]):
+    for name in (backend, "reference"):
+        out, total = ops.layer_norm(x_t, w_s[::2], b, 1e-6, r_t, backend=name)
+        outs[name] = [out, total, *torch.autograd.grad(out.sum() + total.sum(), (x_t, w_s, b, r_t))]  # expanded 1s
+        out = ops.layer_norm(x_t, w, b, 1e-6, backend=name)  # no residual: the strided x is what is normalised
+        outs[name] += [out, *torch.autograd.grad(out.square().sum(), (x_t, w))]
+    for got, want in zip(outs[backend], outs["reference"]):
         assert_rel_close(got, want, 1e-5, "noncontiguous")
 
 
-def test_triton_no_rows() -> None:
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_no_rows(backend: str) -> None:
     x, w, b, r = _inputs((0, 96), True)
-    out, total = ops.layer_norm(x, w, b, 1e-6, r, backend="triton")
+    out, total = ops.layer_norm(x, w, b, 1e-6, r, backend=backend)
     assert out.shape == total.shape == (0, 96)
     gw, gb = torch.autograd.grad(out.sum(), (w, b))
     assert torch.equal(gw, torch.zeros(96)) and torch.equal(gb, torch.zeros(96))
 
 
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_triton_low_precision_interpreter(dtype: torch.dtype, residual: bool) -> None:
+def test_low_precision_on_cpu(backend: str, dtype: torch.dtype, residual: bool) -> None:
     """bf16/fp16 activations and parameters: the output, the sum and every gradient in the inputs' dtypes."""
     shape = (2, 50, 768)
     args = _inputs(shape, residual, dtype, seed=6)
     upstream = _upstream(shape, residual)
-    got = _run("triton", *args, upstream)
+    got = _run(backend, *args, upstream)
     same = _run("reference", *args, upstream)  # the reference on the same low-precision inputs
     want = _run("reference", *_upcast(*args), [u.to(dtype).float() for u in upstream])  # fp32 on the same values
     for g, s, w, name in zip(got, same, want, _names(residual)):
@@ -204,14 +212,15 @@ def test_triton_low_precision_interpreter(dtype: torch.dtype, residual: bool) ->
         assert_rel_close(g, w, 3 * CAST_TOL[dtype], name)
 
 
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_triton_autocast_dtypes_interpreter(dtype: torch.dtype) -> None:
+def test_autocast_dtypes_on_cpu(backend: str, dtype: torch.dtype) -> None:
     """As under autocast: a bf16/fp16 branch output, the fp32 residual stream and fp32 parameters: the output
     and the sum are fp32, x's gradient is in x's dtype."""
     shape = (1, 65, 1280)
     args = _inputs(shape, True, dtype, param_dtype=torch.float32, residual_dtype=torch.float32, seed=7)
     upstream = _upstream(shape, True)
-    got, want = _run("triton", *args, upstream), _run("reference", *args, upstream)
+    got, want = _run(backend, *args, upstream), _run("reference", *args, upstream)
     for g, w, name in zip(got, want, _names(True)):
         assert g.dtype == w.dtype, name
         assert g.dtype == (dtype if name == "grad x" else torch.float32), name
@@ -219,94 +228,47 @@ def test_triton_autocast_dtypes_interpreter(dtype: torch.dtype) -> None:
         assert_rel_close(g, w, CAST_TOL[dtype] if name == "grad x" else 1e-5, name)
 
 
-def test_triton_fp16_params_with_fp32_activations() -> None:
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_fp16_params_with_fp32_activations(backend: str) -> None:
     args = _inputs((3, 50, 96), True, param_dtype=torch.float16, seed=8)
     upstream = _upstream((3, 50, 96), True)
-    got, want = _run("triton", *args, upstream), _run("reference", *args, upstream)
+    got, want = _run(backend, *args, upstream), _run("reference", *args, upstream)
     for g, w, name in zip(got, want, _names(True)):
         assert g.dtype == w.dtype, name
         # fp32 math on identical values; the parameter gradients are rounded once to fp16
         assert_rel_close(g, w, CAST_TOL[torch.float16] if "weight" in name or "bias" in name else 1e-5, name)
 
 
-def test_triton_ops_schema_and_autograd_registration() -> None:
-    """opcheck's checks that run under the interpreter (fake-tensor and compile checks need a GPU)."""
-    from fastmae.kernels.layer_norm import layer_norm_backward_op, layer_norm_op
-
-    checks = ("test_schema", "test_autograd_registration")
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_supports_refuses(backend: str, without_interpreter: object) -> None:
+    rules = OP.backend(backend)
     x, w, b, r = _inputs((2, 7, 96), True)
-    torch.library.opcheck(layer_norm_op, (x, w, b, 1e-6, r), test_utils=checks)
-    torch.library.opcheck(layer_norm_op, (x, w, b, 1e-6, None), test_utils=checks)
-    _, total, mean, rstd = layer_norm_op(x.detach(), w.detach(), b.detach(), 1e-6, r.detach())
-    g = torch.randn(2, 7, 96)
-    torch.library.opcheck(layer_norm_backward_op, (g, g.clone(), total, w.detach(), mean, rstd, torch.float32),
-                          test_utils=checks)
-
-
-def test_triton_supports_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    triton_backend = ops.OPS["layer_norm"].backend("triton")
-    x, w, b, r = _inputs((2, 7, 96), True)
-    assert triton_backend.why_not((x, w, b, 1e-6, r)) is None
-    assert ops.OPS["layer_norm"].select((x, w, b, 1e-6, r)).name == "torch"  # CPU: not by priority
+    assert rules.why_not((x, w, b, 1e-6, r), OP.arg_names) is None
+    assert OP.select((x, w, b, 1e-6, r)).name == "torch"  # CPU: the kernels run only when named
     wide = torch.randn(2, 4097)
     refused = {
         "D = 4097 > 4096": (wide, torch.ones(4097), torch.zeros(4097), 1e-6, None),
-        "fp32/bf16/fp16": (x.detach().double(), w.detach().double(), b.detach().double(), 1e-6, None),
-        "one device": (x, w.detach().to("meta"), b, 1e-6, r),
+        f"{backend} takes fp32/bf16/fp16, got x torch.float64": (x.detach().double(), w.detach().double(),
+                                                                 b.detach().double(), 1e-6, None),
+        "tensors on several devices": (x, w.detach().to("meta"), b, 1e-6, r),
         "non-empty last dimension": (torch.randn(3, 0), torch.ones(0), torch.zeros(0), 1e-6, None),
     }
     for reason, args in refused.items():
-        assert reason in (triton_backend.why_not(args) or ""), reason
+        assert reason in (rules.why_not(args, OP.arg_names) or ""), reason
         with pytest.raises(ops.BackendUnavailableError, match=reason):
-            ops.layer_norm(*args, backend="triton")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert "interpreter" in triton_backend.why_not((x, w, b, 1e-6, r))
-
-
-GPU_SHAPES = [(64, 50, 768), (32, 65, 1280), (16, 197, 512), (16, 257, 512), (64, 50, 1024), (8, 65, 96)]
+            ops.layer_norm(*args, backend=backend)
+    if backend == "triton":  # without the interpreter, CPU tensors are refused with a reason naming it
+        assert "interpreter" in without_interpreter(rules).why_not((x, w, b, 1e-6, r), OP.arg_names)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_triton_gpu_low_precision(dtype: torch.dtype, residual: bool, shape: tuple[int, ...]) -> None:
-    """Error vs the fp32 reference at most 2x the reference's own error in the same low precision + a floor."""
-    args32 = _inputs(shape, residual, device="cuda", seed=shape[-1])
-    low = [None if t is None else t.detach().to(dtype).requires_grad_() for t in args32]
-    upstream = _upstream(shape, residual, device="cuda")
-    want = _run("reference", *args32, upstream)
-    torch_low = _run("reference", *low, upstream)
-    got = _run("triton", *low, upstream)
-    for g, t, w, name in zip(got, torch_low, want, _names(residual)):
-        assert g.dtype == t.dtype, name
-        assert_rel_close(g, w, 2 * rel_err(t, w) + 1e-5, name)
-    again = _run("triton", *low, upstream)
-    assert all(torch.equal(a, b) for a, b in zip(got, again))  # no atomics: bit-identical run to run
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_triton_gpu_autocast_dtypes(dtype: torch.dtype) -> None:
+def test_gpu_autocast_dtypes(backend: str, dtype: torch.dtype) -> None:
     shape = (64, 50, 768)
     args = _inputs(shape, True, dtype, param_dtype=torch.float32, residual_dtype=torch.float32, device="cuda")
     upstream = _upstream(shape, True, device="cuda")
-    got, want = _run("triton", *args, upstream), _run("reference", *args, upstream)
+    got, want = _run(backend, *args, upstream), _run("reference", *args, upstream)
     for g, w, name in zip(got, want, _names(True)):
         assert g.dtype == w.dtype, name
         assert_rel_close(g, w, CAST_TOL[dtype] if name == "grad x" else 1e-5, name)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_triton_gpu_opcheck(dtype: torch.dtype, residual: bool) -> None:
-    from fastmae.kernels.layer_norm import layer_norm_backward_op, layer_norm_op
-
-    x, w, b, r = _inputs((4, 50, 768), residual, dtype, device="cuda")
-    torch.library.opcheck(layer_norm_op, (x, w, b, 1e-6, r))
-    _, total, mean, rstd = layer_norm_op(x.detach(), w.detach(), b.detach(), 1e-6, None if r is None else r.detach())
-    g = torch.randn(4, 50, 768, device="cuda", dtype=dtype)
-    s = total if residual else x.detach()
-    grad_sum = g.clone() if residual else None
-    torch.library.opcheck(layer_norm_backward_op, (g, grad_sum, s, w.detach(), mean, rstd, dtype))

@@ -28,13 +28,12 @@ def test_reference_is_linear_then_the_exact_gelu(shape: tuple[int, ...], feature
     assert linear_gelu_reference(x.bfloat16(), w, b).dtype == torch.bfloat16  # x's dtype, whatever the params'
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_backends_match_nn_modules_with_grads(backend: str) -> None:
+def test_reference_matches_nn_modules_with_grads() -> None:
     torch.manual_seed(7)
     fc1 = nn.Linear(96, 384)
     x = torch.randn(3, 65, 96, requires_grad=True)
     params = (x, fc1.weight, fc1.bias)
-    got = ops.linear_gelu(*params, backend=backend)
+    got = ops.linear_gelu(*params, backend="reference")
     want = nn.GELU()(fc1(x))  # the official MLP's first half
     assert_rel_close(got, want, 1e-6, "forward")
     upstream = torch.randn_like(want)
@@ -67,7 +66,16 @@ def test_public_validates() -> None:
         assert ops.linear_gelu(x, w.bfloat16(), b, backend="reference").dtype == torch.bfloat16
 
 
-# --- triton backend (interpreter on CPU here; the gpu-marked tests run on CUDA) -------------------------------
+# --- kernel backends (triton: the interpreter here) ----------------------------------------------------------
+# tests/ops/test_backends.py checks every backend against the reference on the op's cases (fp32 on CPU,
+# bf16/fp16 on a GPU); these test what those cases do not reach, and (linear_gelu's kernels are the custom op
+# fastmae::bias_gelu around cuBLAS's GEMM, not an Op.kernel_op) that op's opcheck and determinism.
+
+from fastmae.ops._kernels import KERNEL_BACKENDS  # noqa: E402
+from fastmae.ops.linear_gelu import bias_gelu_backward_op, bias_gelu_op  # noqa: E402
+
+OP = ops.OPS["linear_gelu"]
+KERNELS = [b.name for b in OP.backends if b.name in KERNEL_BACKENDS]
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 # One rounding of an fp32 value to bf16/fp16: on a GPU round-to-nearest-even (<= half an ulp: 2^-9 bf16,
@@ -101,21 +109,17 @@ def _run(backend: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
     return [out, *torch.autograd.grad(out, (x, w, b), upstream.to(out.dtype))]
 
 
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("shape,features", [
-    ((3, 50, 768), 3072),  # ViT-B encoder, patch 16: 1 + 49 visible tokens, F = 4 * 768
-    ((1, 65, 1280), 5120),  # ViT-H encoder, patch 14: 1 + 64 visible tokens (65 rows, odd)
-    ((1, 197, 512), 2048),  # decoder, patch 16 (196 patches + cls)
-    ((3, 257, 512), 2048),  # decoder, patch 14: 771 rows
-    ((5, 7, 24), 96),  # D = 24: F = 4 * D, not a power of two
-    ((3, 13, 40), 160),  # D = 40
     ((7, 12), 48),  # plain (R, Din), D = 12
     ((2, 3, 5, 16), 64),  # 4-D
     ((1, 1, 8), 32),  # one row
+    ((5, 7, 24), 96),  # D = 24: F = 4 * D, not a power of two
 ])
-def test_triton_matches_reference_fp32(shape: tuple[int, ...], features: int) -> None:
+def test_shapes_the_cases_lack(backend: str, shape: tuple[int, ...], features: int) -> None:
     args = _inputs(shape, features, seed=features + len(shape))
     upstream = _upstream(shape, features)
-    got, want = _run("triton", *args, upstream), _run("reference", *args, upstream)
+    got, want = _run(backend, *args, upstream), _run("reference", *args, upstream)
     for g, w, name in zip(got, want, NAMES):
         assert g.dtype == w.dtype and g.shape == w.shape, name
         assert_rel_close(g, w, 1e-5, name)
@@ -138,49 +142,53 @@ def test_triton_gpu_tiling_column_blocks_and_several_steps_per_program(monkeypat
         assert_rel_close(got, want, 1e-5, name)
 
 
-def test_triton_only_one_input_needs_grad() -> None:
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_only_one_input_needs_grad(backend: str) -> None:
     args = _inputs((3, 50, 24), 96, seed=4)
     outs = {}
-    for backend in ("triton", "reference"):
-        outs[backend] = []
+    for name in (backend, "reference"):
+        outs[name] = []
         for i, leaf in enumerate(args):
             only = [t if j == i else t.detach() for j, t in enumerate(args)]
-            outs[backend] += torch.autograd.grad(ops.linear_gelu(*only, backend=backend).square().sum(), leaf)
-    for got, want, name in zip(outs["triton"], outs["reference"], NAMES[1:]):
+            outs[name] += torch.autograd.grad(ops.linear_gelu(*only, backend=name).square().sum(), leaf)
+    for got, want, name in zip(outs[backend], outs["reference"], NAMES[1:]):
         assert_rel_close(got, want, 1e-5, name)
 
 
-def test_triton_noncontiguous_inputs_and_upstream() -> None:
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_noncontiguous_inputs_and_upstream(backend: str) -> None:
     x, w, _ = _inputs((2, 50, 24), 96, seed=5)
     x_t = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # same values, strided
     w_t = w.detach().T.contiguous().T.requires_grad_()  # (F, Din) stored column-major
     assert not x_t.is_contiguous() and not w_t.is_contiguous()
     b_s = torch.randn(192).requires_grad_()
     outs = {}
-    for backend in ("triton", "reference"):
-        out = ops.linear_gelu(x_t, w_t, b_s[::2], backend=backend)
+    for name in (backend, "reference"):
+        out = ops.linear_gelu(x_t, w_t, b_s[::2], backend=name)
         upstream = torch.ones(96, 2, 50).permute(1, 2, 0)  # strided upstream gradient
-        outs[backend] = [out, *torch.autograd.grad(out, (x_t, w_t, b_s), upstream)]
-    for got, want, name in zip(outs["triton"], outs["reference"], NAMES):
+        outs[name] = [out, *torch.autograd.grad(out, (x_t, w_t, b_s), upstream)]
+    for got, want, name in zip(outs[backend], outs["reference"], NAMES):
         assert_rel_close(got, want, 1e-5, name)
 
 
-def test_triton_no_rows() -> None:
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_no_rows(backend: str) -> None:
     x, w, b = _inputs((0, 24), 96)
-    out = ops.linear_gelu(x, w, b, backend="triton")
+    out = ops.linear_gelu(x, w, b, backend=backend)
     assert out.shape == (0, 96)
     gw, gb = torch.autograd.grad(out.sum(), (w, b))
     assert torch.equal(gw, torch.zeros(96, 24)) and torch.equal(gb, torch.zeros(96))
 
 
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_triton_low_precision_interpreter(dtype: torch.dtype) -> None:
+def test_low_precision_on_cpu(backend: str, dtype: torch.dtype) -> None:
     """bf16/fp16 x, weight and bias: the output and every gradient in that dtype, close to fp32 math on the
     same values."""
     shape, features = (2, 50, 768), 3072
     args = _inputs(shape, features, dtype, seed=6)
     upstream = _upstream(shape, features)
-    got, want = _run("triton", *args, upstream), _run("reference", *args, upstream)
+    got, want = _run(backend, *args, upstream), _run("reference", *args, upstream)
     for g, w, name in zip(got, want, NAMES):
         assert g.dtype == w.dtype == dtype, name
         # The reference rounds its fp32 result once; the triton path rounds the GEMM's output h, then the
@@ -188,81 +196,63 @@ def test_triton_low_precision_interpreter(dtype: torch.dtype) -> None:
         assert_rel_close(g, w, (2 if name == "out" else 3) * CAST_TOL[dtype], name)
 
 
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_triton_autocast_dtypes_interpreter(dtype: torch.dtype) -> None:
+def test_autocast_dtypes_on_cpu(backend: str, dtype: torch.dtype) -> None:
     """Under autocast, fp32 leaves (the model's): F.linear runs in the autocast dtype, so every backend gives an
     output in that dtype, as nn.Linear + nn.GELU do (the torch backend), and fp32 gradients."""
     shape, features = (1, 65, 320), 1280
     args = _inputs(shape, features, seed=7)
     upstream = _upstream(shape, features)
     with torch.autocast("cpu", dtype=dtype):
-        got, low, want = (_run(backend, *args, upstream) for backend in ("triton", "torch", "reference"))
+        got, low, want = (_run(name, *args, upstream) for name in (backend, "torch", "reference"))
     for g, t, w, name in zip(got, low, want, NAMES):
         assert g.dtype == t.dtype == w.dtype == (dtype if name == "out" else torch.float32), name
         # the torch backend's own error from the low-precision GEMM, and one more rounding (the interpreter's)
         assert_rel_close(g, w, rel_err(t, w) + CAST_TOL[dtype], name)
 
 
-def test_triton_ops_schema_and_autograd_registration() -> None:
-    """opcheck's checks that run under the interpreter (fake-tensor and compile checks need a GPU)."""
-    from fastmae.kernels.linear_gelu import bias_gelu_backward_op, bias_gelu_op
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bias_gelu_op_opcheck_and_determinism(backend: str, dtype: torch.dtype, device: str) -> None:
+    """opcheck of the kernels' custom ops (schema, fake, autograd registration); results bit-identical run to run
+    (no atomics), forward and backward."""
+    width = 96 if device == "cpu" else 3072
+    h = (2 * torch.randn(4, 7, width)).to(device, dtype).requires_grad_()
+    b = (0.5 * torch.randn(width)).to(device, dtype).requires_grad_()
+    torch.library.opcheck(bias_gelu_op, (h, b, backend))
+    g = torch.randn(4, 7, width).to(device, dtype)
+    torch.library.opcheck(bias_gelu_backward_op, (g, h.detach(), b.detach(), backend))
+    first, again = (bias_gelu_op(h, b, backend) for _ in range(2))
+    assert torch.equal(first, again)
+    grads, grads_again = (bias_gelu_backward_op(g, h.detach(), b.detach(), backend) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(grads, grads_again))
 
-    checks = ("test_schema", "test_autograd_registration")
-    h = torch.randn(2, 7, 96, requires_grad=True)
-    b = torch.randn(96, requires_grad=True)
-    torch.library.opcheck(bias_gelu_op, (h, b), test_utils=checks)
-    torch.library.opcheck(bias_gelu_backward_op, (torch.randn(2, 7, 96), h.detach(), b.detach()), test_utils=checks)
 
-
-def test_triton_supports_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    op = ops.OPS["linear_gelu"]
-    assert [b.name for b in op.backends] == ["torch", "triton", "reference"]
-    triton_backend = op.backend("triton")
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
+def test_supports_refuses(backend: str, without_interpreter: object) -> None:
+    assert [b.name for b in OP.backends] == ["torch", "triton", "reference"]
+    rules = OP.backend(backend)
     args = _inputs((2, 7, 24), 96)
-    assert triton_backend.why_not(args) is None
-    assert op.select(args).name == "torch"  # CPU: the interpreter is never picked by priority
+    assert rules.why_not(args, OP.arg_names) is None
+    assert OP.select(args).name == "torch"  # CPU: the kernels run only when named
     refused = {
-        "fp32/bf16/fp16": tuple(t.detach().double() for t in args),
+        f"{backend} takes fp32/bf16/fp16, got x torch.float64": tuple(t.detach().double() for t in args),
         "at least one output feature": (torch.randn(3, 8), torch.randn(0, 8), torch.zeros(0)),
     }
     for reason, bad in refused.items():
-        assert reason in (triton_backend.why_not(bad) or ""), reason
+        assert reason in (rules.why_not(bad, OP.arg_names) or ""), reason
         with pytest.raises(ops.BackendUnavailableError, match=reason):
-            ops.linear_gelu(*bad, backend="triton")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert "interpreter" in triton_backend.why_not(args)
-
-
-# MLP shapes at a GPU batch: ViT-B/L/H encoder (F = 4D), decoder (F = 2048), and a small width
-GPU_SHAPES = [((64, 50, 768), 3072), ((64, 50, 1024), 4096), ((32, 65, 1280), 5120), ((16, 197, 512), 2048),
-              ((16, 257, 512), 2048), ((8, 65, 24), 96)]
+            ops.linear_gelu(*bad, backend=backend)
+    if backend == "triton":  # without the interpreter, CPU tensors are refused with a reason naming it
+        assert "interpreter" in without_interpreter(rules).why_not(args, OP.arg_names)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("shape,features", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple)
-                         else str(s))
-def test_gpu_low_precision(backend: str, dtype: torch.dtype, shape: tuple[int, ...], features: int) -> None:
-    """Error vs the fp32 reference at most 2x PyTorch's own low-precision error (nn.Linear + nn.GELU: the
-    ``torch`` backend) + a floor; the triton backend bit-identical run to run."""
-    args32 = _inputs(shape, features, device="cuda", seed=features)
-    low = [t.detach().to(dtype).requires_grad_() for t in args32]
-    upstream = _upstream(shape, features, device="cuda")
-    want = _run("reference", *args32, upstream)
-    torch_low = _run("torch", *low, upstream)
-    got = _run(backend, *low, upstream)
-    for g, t, w, name in zip(got, torch_low, want, NAMES):
-        assert g.dtype == t.dtype == dtype, name
-        assert_rel_close(g, w, 2 * rel_err(t, w) + 1e-5, name)
-    if backend == "triton":
-        again = _run("triton", *low, upstream)
-        assert all(torch.equal(a, b) for a, b in zip(got, again))  # no atomics
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_triton_gpu_autocast_dtypes(dtype: torch.dtype) -> None:
+def test_gpu_autocast_dtypes(backend: str, dtype: torch.dtype) -> None:
     """Under CUDA autocast with fp32 leaves: the output in the autocast dtype and fp32 gradients, as the torch
     backend, and at most 2x its error vs the fp32 reference."""
     shape, features = (64, 50, 768), 3072
@@ -270,19 +260,7 @@ def test_triton_gpu_autocast_dtypes(dtype: torch.dtype) -> None:
     upstream = _upstream(shape, features, device="cuda")
     want = _run("reference", *args, upstream)
     with torch.autocast("cuda", dtype=dtype):
-        got, low = _run("triton", *args, upstream), _run("torch", *args, upstream)
+        got, low = _run(backend, *args, upstream), _run("torch", *args, upstream)
     for g, t, w, name in zip(got, low, want, NAMES):
         assert g.dtype == t.dtype == (dtype if name == "out" else torch.float32), name
         assert_rel_close(g, w, 2 * rel_err(t, w) + 1e-5, name)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION])
-def test_triton_gpu_opcheck(dtype: torch.dtype) -> None:
-    from fastmae.kernels.linear_gelu import bias_gelu_backward_op, bias_gelu_op
-
-    h = (2 * torch.randn(4, 50, 3072, device="cuda")).to(dtype).requires_grad_()
-    b = (0.5 * torch.randn(3072, device="cuda")).to(dtype).requires_grad_()
-    torch.library.opcheck(bias_gelu_op, (h, b))
-    g = torch.randn(4, 50, 3072, device="cuda", dtype=dtype)
-    torch.library.opcheck(bias_gelu_backward_op, (g, h.detach(), b.detach()))

@@ -1,12 +1,13 @@
 """The official MAE (facebookresearch/mae ``models_mae.py`` with timm's ``Block``) as plain PyTorch.
 
 This is the benchmark's independent baseline: it computes MAE the way the official code does and
-imports nothing from ``fastmae``. Every patch is embedded with a Conv2d, the sin-cos table is added,
-then a random subset is kept with ``argsort`` + ``gather``; the decoder appends mask tokens and
-undoes the shuffle with a second ``gather``; the loss normalises each target patch by its own mean
-and unbiased variance and averages the per-patch MSE over the removed patches. Attention is the
-explicit ``softmax(q @ k^T * scale) @ v`` of timm's ``Attention`` (``attn_impl="explicit"``), or
-``F.scaled_dot_product_attention`` (``attn_impl="sdpa"``) for the modernised baseline.
+uses nothing from the rest of ``fastmae`` (it imports only torch). Every patch is embedded with a
+Conv2d, the sin-cos table is added, then a random subset is kept with ``argsort`` + ``gather``; the
+decoder appends mask tokens and undoes the shuffle with a second ``gather``; the loss normalises each
+target patch by its own mean and unbiased variance and averages the per-patch MSE over the removed
+patches. Attention is the explicit ``softmax(q @ k^T * scale) @ v`` of timm's ``Attention``
+(``attn_impl="explicit"``), or ``F.scaled_dot_product_attention`` (``attn_impl="sdpa"``) for the
+modernised baseline.
 
 ``state_dict`` keys and shapes are the official ones, which are also fastmae's, so either model's
 weights load into the other with ``strict=True``. As in the official code, the sin-cos tables are

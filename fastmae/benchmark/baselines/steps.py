@@ -7,8 +7,13 @@
   schedule is left out: it is a Python float assignment with no device work.
 - ``modern``: the same model as a user would modernise it quickly: bf16 autocast, SDPA attention,
   ``AdamW(fused=True)``, ``torch.compile`` of the model, no host sync.
+- ``modern-cudagraph``: ``modern`` with its whole step (forward, backward, fused capturable AdamW)
+  captured in one CUDA graph by ``fastmae.benchmark.train_step.step_runner``, exactly as
+  fastmae's ``fastmae-compile-cudagraph`` is: the strongest PyTorch baseline. CUDA only.
 - ``hf``: Hugging Face ``ViTMAEForPreTraining`` with SDPA attention, the preset's architecture,
   bf16 autocast and fused AdamW.
+- ``hf-compile``: ``hf`` under ``torch.compile``. It exists to be compiled, so unlike ``modern`` it
+  compiles on a CPU too (slowly; the CPU defaults of ``fastmae bench`` leave it out).
 
 Every step: forward with mask ratio 0.75 and ``norm_pix_loss``, backward, AdamW (lr 1.5e-4 * N / 256,
 betas (0.9, 0.95), weight decay 0.05 on all but 1-D parameters and biases), grads set to None.
@@ -16,19 +21,35 @@ betas (0.9, 0.95), weight decay 0.05 on all but 1-D parameters and biases), grad
 On a device other than CUDA the steps run in fp32 (no autocast, no GradScaler, the default
 non-fused AdamW) and ``modern`` runs eagerly: its ``TrainStep`` then says ``compile=False``.
 Compiling there would time the CPU Inductor backend, which is not what the row is for.
-``build_hf_step`` raises ``StepUnavailable`` (a ``RuntimeError``) when transformers is not installed.
+
+``unavailable_reason(impl, device)`` says, without building anything, why a baseline cannot run on
+``device``: ``modern-cudagraph`` needs CUDA, ``hf`` and ``hf-compile`` need transformers. The builders
+raise ``StepUnavailable`` (a ``RuntimeError``) with that reason, and ``fastmae bench`` skips the row.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
-from bench.baselines.official_mae import mae_from_preset, preset_config
-from fastmae.benchmark.train_step import BASE_LR, BETAS, MASK_RATIO, WEIGHT_DECAY, StepUnavailable, TrainStep
+from fastmae.benchmark.baselines.official_mae import mae_from_preset, preset_config
+from fastmae.benchmark.train_step import (
+    BASE_LR,
+    BETAS,
+    MASK_RATIO,
+    WEIGHT_DECAY,
+    StepUnavailable,
+    TrainStep,
+    step_runner,
+)
+
+CUDA_ONLY = ("modern-cudagraph",)  # whole-step CUDA graphs
+NEEDS_TRANSFORMERS = ("hf", "hf-compile")
 
 
 def official_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -45,10 +66,31 @@ def official_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def _adamw(model: nn.Module, batch_size: int, fused: bool) -> torch.optim.AdamW:
+def _adamw(model: nn.Module, batch_size: int, fused: bool, capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW at lr ``1.5e-4 * batch / 256``; ``capturable`` keeps its step counters on the device (CUDA graphs)."""
     lr = BASE_LR * batch_size / 256
     extra = {"fused": True} if fused else {}
+    if capturable:
+        extra["capturable"] = True
     return torch.optim.AdamW(official_param_groups(model, WEIGHT_DECAY), lr=lr, betas=BETAS, **extra)
+
+
+def unavailable_reason(impl: str, device: torch.device | str) -> str | None:
+    """Why baseline ``impl`` cannot run on ``device``, found without building it; ``None`` when it can."""
+    if impl not in BUILDERS:
+        raise ValueError(f"unknown baseline {impl!r}; expected one of {sorted(BUILDERS)}")
+    if impl in CUDA_ONLY and torch.device(device).type != "cuda":
+        return f"{impl}: CUDA graphs need a CUDA device, got {device}"
+    if impl in NEEDS_TRANSFORMERS and importlib.util.find_spec("transformers") is None:
+        return f"{impl}: transformers is not installed (pip install transformers)"
+    return None
+
+
+def _require(impl: str, device: torch.device) -> None:
+    """Raise ``StepUnavailable`` with the reason when ``impl`` cannot run on ``device``."""
+    reason = unavailable_reason(impl, device)
+    if reason is not None:
+        raise StepUnavailable(reason)
 
 
 def _check_args(model_name: str, batch_size: int, img_size: int, device: torch.device | str) -> torch.device:
@@ -98,35 +140,32 @@ def build_official_step(model_name: str, batch_size: int, img_size: int, device:
                      dtype="fp16" if on_cuda else "fp32", compile=False, cuda_graph=False, model=model, run=run)
 
 
-def build_modern_step(model_name: str, batch_size: int, img_size: int, device: torch.device) -> TrainStep:
-    """The official model modernised: bf16, SDPA, fused AdamW, ``torch.compile`` (CUDA; eager fp32 elsewhere)."""
+def _build_modern(impl: str, model_name: str, batch_size: int, img_size: int, device: torch.device,
+                  cuda_graph: bool) -> TrainStep:
+    """``modern`` (``cuda_graph=False``) or ``modern-cudagraph`` (its step captured in one CUDA graph)."""
     device = _check_args(model_name, batch_size, img_size, device)
+    _require(impl, device)
     on_cuda = device.type == "cuda"
     with device:
         model = mae_from_preset(model_name, img_size=img_size, norm_pix_loss=True, attn_impl="sdpa")
     model.train()
-    optimizer = _adamw(model, batch_size, fused=on_cuda)
+    optimizer = _adamw(model, batch_size, fused=on_cuda, capturable=cuda_graph)
     forward = torch.compile(model) if on_cuda else model
 
-    def run(imgs: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
-            loss, _, _ = forward(imgs, mask_ratio=MASK_RATIO)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return TrainStep(impl="modern", model_name=model_name, batch_size=batch_size,
-                     dtype="bf16" if on_cuda else "fp32", compile=on_cuda, cuda_graph=False, model=model, run=run)
+    run = step_runner(forward, optimizer, batch_size, img_size, device, bf16=on_cuda, cuda_graph=cuda_graph)
+    return TrainStep(impl=impl, model_name=model_name, batch_size=batch_size, dtype="bf16" if on_cuda else "fp32",
+                     compile=on_cuda, cuda_graph=cuda_graph, model=model, run=run)
 
 
-def build_hf_step(model_name: str, batch_size: int, img_size: int, device: torch.device) -> TrainStep:
-    """Hugging Face ``ViTMAEForPreTraining`` (SDPA) with the preset's architecture; bf16 + fused AdamW on CUDA."""
+def _build_hf(impl: str, model_name: str, batch_size: int, img_size: int, device: torch.device,
+              compiled: bool) -> TrainStep:
+    """``hf`` (eager) or ``hf-compile`` (``torch.compile`` of the model, on every device)."""
     device = _check_args(model_name, batch_size, img_size, device)
+    _require(impl, device)
     try:
         from transformers import ViTMAEConfig, ViTMAEForPreTraining
-    except ImportError as exc:
-        raise StepUnavailable(f"transformers is not installed ({exc}); pip install transformers") from exc
+    except ImportError as exc:  # installed but broken, or too old to have ViTMAE
+        raise StepUnavailable(f"{impl}: transformers cannot be imported ({exc})") from exc
     on_cuda = device.type == "cuda"
     cfg = preset_config(model_name)
     config = ViTMAEConfig(
@@ -142,17 +181,25 @@ def build_hf_step(model_name: str, batch_size: int, img_size: int, device: torch
     model = ViTMAEForPreTraining._from_config(config, attn_implementation="sdpa").to(device)
     model.train()
     optimizer = _adamw(model, batch_size, fused=on_cuda)
+    forward = torch.compile(model) if compiled else model
 
     def run(imgs: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
-            loss = model(pixel_values=imgs).loss
+            loss = forward(pixel_values=imgs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return TrainStep(impl="hf", model_name=model_name, batch_size=batch_size,
-                     dtype="bf16" if on_cuda else "fp32", compile=False, cuda_graph=False, model=model, run=run)
+    return TrainStep(impl=impl, model_name=model_name, batch_size=batch_size, dtype="bf16" if on_cuda else "fp32",
+                     compile=compiled, cuda_graph=False, model=model, run=run)
 
 
-BUILDERS = {"official": build_official_step, "modern": build_modern_step, "hf": build_hf_step}
+# each builder: (model_name, batch_size, img_size, device) -> TrainStep; StepUnavailable where it cannot run
+BUILDERS: dict[str, Callable[[str, int, int, torch.device], TrainStep]] = {
+    "official": build_official_step,
+    "modern": functools.partial(_build_modern, "modern", cuda_graph=False),  # bf16, SDPA, fused AdamW, compile
+    "modern-cudagraph": functools.partial(_build_modern, "modern-cudagraph", cuda_graph=True),  # + one CUDA graph
+    "hf": functools.partial(_build_hf, "hf", compiled=False),  # Hugging Face ViTMAEForPreTraining, SDPA
+    "hf-compile": functools.partial(_build_hf, "hf-compile", compiled=True),  # the same under torch.compile
+}

@@ -1,0 +1,69 @@
+"""Held-out images: a fixed set of images never trained on, each with a fixed mask, scored at every log interval.
+
+``HeldOut(files, img_size, num_patches, len_keep, device)`` decodes the images once (the evaluation transform:
+a resize, no augmentation) and draws one mask per image from a generator of its own (seed ``MASK_SEED``), so the
+score of a run does not depend on its seed, and every run of the same settings is scored on the same patches.
+
+``score(model)``: the model's loss (the training objective: the mean squared error over the removed patches,
+per-patch normalised under ``norm_pix_loss``) on these images and masks. ``baseline``: the same loss of the
+flat-patch answer: each removed patch filled with its image's mean colour (raw-pixel loss), or, under
+``norm_pix_loss``, with its own mean colour (a prediction of zeros in the normalised space). Both are in the
+units of the loss: the squared error of ImageNet-normalised pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fastmae.data.eval_transform import ImageFiles, eval_transform
+from fastmae.model import MaskedAutoencoderViT
+
+MASK_SEED = 0  # the held-out masks' generator: the same patches whatever the run's seed
+BATCH = 64  # images per forward pass when scoring
+
+
+class HeldOut:
+    def __init__(self, files: list[Path], img_size: int, num_patches: int, mask_ratio: float,
+                 device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self.files = files
+        dataset = ImageFiles(files, eval_transform(img_size))
+        self.imgs = torch.stack([dataset[i] for i in range(len(dataset))]).to(device, dtype)  # (N, 3, S, S)
+        generator = torch.Generator().manual_seed(MASK_SEED)
+        self.noise = torch.rand(len(files), num_patches, generator=generator).to(device)  # (N, L)
+        self.mask_ratio = mask_ratio
+        self.baseline = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @torch.no_grad()
+    def score(self, model: MaskedAutoencoderViT) -> float:
+        """The model's mean loss over the held-out images (eval mode, restored after); sets ``baseline`` the
+        first time. Every rank must call it under FSDP (the forward gathers the shards)."""
+        was_training = model.training
+        model.eval()
+        total = base = 0.0
+        try:
+            for start in range(0, len(self.files), BATCH):
+                imgs, noise = self.imgs[start:start + BATCH], self.noise[start:start + BATCH]
+                loss, pred, mask = model(imgs, mask_ratio=self.mask_ratio, noise=noise)
+                total += float(loss) * len(imgs)
+                base += float(model.forward_loss(imgs, flat_patches(model, imgs), mask)) * len(imgs)
+        finally:
+            model.train(was_training)
+        self.baseline = base / len(self.files)
+        return total / len(self.files)
+
+
+def flat_patches(model: MaskedAutoencoderViT, imgs: torch.Tensor) -> torch.Tensor:
+    """The flat-patch prediction ``(N, L, P)``: each image's mean colour in every patch (raw pixels), or zeros
+    under ``norm_pix_loss`` (each patch its own mean colour, once normalised)."""
+    n, c = imgs.shape[:2]
+    p = model.patch_embed.patch_size[0]
+    num_patches = model.patch_embed.num_patches
+    if model.norm_pix_loss:
+        return imgs.new_zeros(n, num_patches, p * p * c)
+    colour = imgs.float().mean(dim=(2, 3))  # (N, C)
+    return colour.view(n, 1, 1, c).expand(n, num_patches, p * p, c).reshape(n, num_patches, p * p * c)
