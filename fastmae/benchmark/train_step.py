@@ -20,6 +20,7 @@ import torch
 
 from fastmae import ops
 from fastmae.model import PRESETS
+from fastmae.train.master_weights import MasterWeights
 from fastmae.train.optim import build_optimizer, param_groups
 
 MASK_RATIO = 0.75
@@ -56,6 +57,7 @@ class FastmaeVariant:
     compile: bool = False
     cuda_graph: bool = False
     backend: str | None = None  # a blanket fastmae.ops.use_backend name; None: dispatch chooses
+    bf16_params: bool = False  # Linear/Conv weights kept in bf16, fp32 masters in the optimiser (CUDA, bf16)
 
 
 FASTMAE_IMPLS: dict[str, FastmaeVariant] = {
@@ -64,6 +66,8 @@ FASTMAE_IMPLS: dict[str, FastmaeVariant] = {
     "fastmae-cudagraph": FastmaeVariant(cuda_graph=True),
     "fastmae-compile-cudagraph": FastmaeVariant(compile=True, cuda_graph=True),
     "fastmae-reference": FastmaeVariant(backend="reference"),
+    "fastmae-bf16params": FastmaeVariant(bf16_params=True),
+    "fastmae-cudagraph-bf16params": FastmaeVariant(cuda_graph=True, bf16_params=True),
 }
 
 
@@ -79,6 +83,8 @@ def fastmae_unavailable_reason(impl: str, device: torch.device) -> str | None:
         raise ValueError(f"unknown fastmae impl {impl!r}; expected one of {sorted(FASTMAE_IMPLS)}")
     if FASTMAE_IMPLS[impl].cuda_graph and torch.device(device).type != "cuda":
         return f"{impl}: CUDA graphs need a CUDA device, got {device}"
+    if FASTMAE_IMPLS[impl].bf16_params and torch.device(device).type != "cuda":
+        return f"{impl}: bf16 parameters train under bf16 autocast, which the benchmark uses on CUDA only, got {device}"
     return None
 
 
@@ -98,11 +104,14 @@ def build_fastmae_step(impl: str, model_name: str, batch_size: int, img_size: in
         model = PRESETS[model_name](img_size=img_size, norm_pix_loss=True)
     model.train()
     lr = BASE_LR * batch_size / 256
+    masters = MasterWeights(model) if variant.bf16_params else None
+    groups = masters.param_groups(WEIGHT_DECAY) if masters else param_groups(model, WEIGHT_DECAY)
     if variant.cuda_graph:  # the optimiser's state and step counters must live on the device
-        optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=lr, betas=BETAS, fused=True,
-                                      capturable=True)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=BETAS, fused=True, capturable=True)
     else:
-        optimizer = build_optimizer(model, lr=lr, weight_decay=WEIGHT_DECAY, betas=BETAS)
+        optimizer = build_optimizer(model, lr=lr, weight_decay=WEIGHT_DECAY, betas=BETAS, groups=groups)
+    if masters:
+        optimizer = masters.bind(optimizer)
     forward = torch.compile(model) if variant.compile else model
 
     run = step_runner(forward, optimizer, batch_size, img_size, device, bf16=dtype == "bf16",

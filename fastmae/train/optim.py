@@ -82,11 +82,11 @@ def _apex_adamw_class() -> type[torch.optim.Optimizer]:
     return ApexFusedAdamW
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
-                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`, the implementation picked by :func:`choose_optimizer`."""
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.95),
+                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (default :func:`param_groups`), the implementation picked by :func:`choose_optimizer`."""
     device = next(model.parameters()).device
-    groups = param_groups(model, weight_decay)
+    groups = groups if groups is not None else param_groups(model, weight_decay)
     name = choose_optimizer(device).name
     if name == APEX_FUSED_ADAM:
         return _apex_adamw_class()(groups, lr=lr, betas=betas, adam_w_mode=True)
