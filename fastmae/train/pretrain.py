@@ -177,6 +177,7 @@ class Trainer:
         self.param_dtype = DTYPES[self.precision]
         self.fsdp = cfg.parallel == "fsdp" and ranks.distributed  # fsdp with fp16 is refused by PretrainConfig
         self.step = 0
+        self.heldout_loss = self.heldout_baseline = float("nan")  # the last scored, NaN before
         self._build_data()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self._build_model()
@@ -368,8 +369,6 @@ class Trainer:
             outputs.append("reconstruction.png")
         return PretrainSummary(self.step, log.first_loss, log.final_loss, log.img_per_s, self.out, status,
                                self.guard.skipped_total(), self.heldout_loss, self.heldout_baseline, tuple(outputs))
-
-    heldout_loss = heldout_baseline = float("nan")
 
     def score_heldout(self, log: RunLog) -> dict[str, float]:
         """The held-out loss and its flat-patch baseline, for the metrics row (none without held-out images);
