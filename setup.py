@@ -103,8 +103,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["fastmae", "fastmae.ops", "fastmae.data", "fastmae.train", "fastmae.benchmark",
-              "fastmae.benchmark.baselines", "fastmae.kernels"],
+    packages=["fastmae", "fastmae.ops", "fastmae.data", "fastmae.train", "fastmae.finetune", "fastmae.interop",
+              "fastmae.benchmark", "fastmae.benchmark.baselines", "fastmae.kernels"],
     package_dir={"fastmae.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
@@ -115,13 +115,18 @@ setup(
         "matplotlib",
         "tqdm",
         "tensorboard",
+        # fine-tuning's Mixup/CutMix, RandAugment, RandomErasing, soft-target loss; checkpoint interop
+        "timm>=1.0",
         "tomli; python_version < '3.11'",
     ],
     extras_require={
         # NVIDIA DALI: GPU JPEG decoding for the loaders (fastmae.data picks it when installed); the
         # tests run its CPU pipelines
         "dali": [DALI],
-        "test": ["pytest", "pytest-benchmark", DALI],
+        # --precision fp8: torchao's float8 training (0.18 is the version tested)
+        "fp8": ["torchao>=0.18"],
+        # transformers: the Hugging Face interop tests and the hf baseline; torchao: the fp8 path's CPU tests
+        "test": ["pytest", "pytest-benchmark", DALI, "transformers", "torchao>=0.18"],
     },
     entry_points={"console_scripts": ["fastmae=fastmae.cli:main"]},
     ext_modules=ext_modules,

@@ -2,10 +2,12 @@
 
     python bench/plot_results.py bench/results/nvidia-h100-80gb-hbm3.csv [more.csv ...]
 
-For each input mode in the file (``synthetic``, ``loader``): one PNG ``<csv stem>-<input>.png``
-with img/s per implementation, grouped by model, each bar labelled with its img/s and measured
-MFU. Needs only matplotlib. Only rows with status ``ok`` are drawn; where a file holds several rows of one
-(model, implementation), e.g. two batch sizes, the fastest is drawn.
+For each input mode in the file (``synthetic``, ``loader``, ``loader-dali``, ``loader-torch``): one PNG
+``<csv stem>-<input>.png`` with img/s per implementation, grouped by model, each bar labelled with its img/s
+and measured MFU. Needs only matplotlib. Only rows with status ``ok`` are drawn; where a file holds several
+rows of one (model, implementation), e.g. two batch sizes, the fastest is drawn. A CSV that is not a
+``fastmae bench`` results file (the ``-loader`` and ``-attention`` files beside them) is named and passed over,
+so ``bench/results/*.csv`` can be given as it is.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-IMPL_ORDER = ("official", "hf", "hf-compile", "modern", "modern-cudagraph", "fastmae-reference", "fastmae",
-              "fastmae-compile", "fastmae-cudagraph", "fastmae-compile-cudagraph")
+IMPL_ORDER = ("official", "hf", "hf-compile", "modern", "modern-cudagraph", "fastmae-reference", "fastmae-actckpt",
+              "fastmae", "fastmae-bf16params", "fastmae-compile", "fastmae-cudagraph", "fastmae-cudagraph-bf16params",
+              "fastmae-compile-cudagraph")  # implementations not named here follow, sorted
+RESULT_COLUMNS = ("gpu", "impl", "model", "input", "status", "img_per_s", "gflops_per_img")
 
 
 def best_rows(rows: list[dict[str, str]], input_mode: str) -> dict[tuple[str, str], dict[str, str]]:
@@ -83,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             print(f"{path}: no rows", file=sys.stderr)
             return 1
+        missing = [c for c in RESULT_COLUMNS if c not in rows[0]]
+        if missing:
+            print(f"{path}: not a fastmae bench results file (no {', '.join(missing)} columns); passed over")
+            continue
         for input_mode in sorted({r["input"] for r in rows}):
             out = path.with_name(f"{path.stem}-{input_mode}.png")
             if plot_input_mode(rows, input_mode, out):

@@ -23,13 +23,16 @@ _MODEL_NAMES = (
     "mae_vit_tiny_patch16",
     "mae_vit_tiny_patch16_dec128d2b",
 )
-__all__ = [*_MODEL_NAMES, "ops", "use_backend"]
+_VIT_NAMES = ("VisionTransformer",)
+__all__ = [*_MODEL_NAMES, *_VIT_NAMES, "ops", "use_backend"]
 
 
 def __getattr__(name: str) -> object:
     """The public names, imported on first use: ``import fastmae`` (and ``fastmae --help``) loads no torch."""
     if name in _MODEL_NAMES:
         return getattr(importlib.import_module("fastmae.model"), name)
+    if name in _VIT_NAMES:
+        return getattr(importlib.import_module("fastmae.vit"), name)
     if name == "ops":
         return importlib.import_module("fastmae.ops")
     if name == "use_backend":

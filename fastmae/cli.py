@@ -20,7 +20,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from fastmae.train.config import DEMO_DEFAULTS, PAPER_DEFAULTS, PARALLEL_MODES, PRECISIONS, PretrainConfig, SettingError
+from fastmae.train.config import (DEMO_DEFAULTS, FP8_RECIPES, MASK_STRATEGIES, MICRO_BATCH_MODES, PAPER_DEFAULTS,
+                                  PARALLEL_MODES, PARAM_DTYPES, PRECISIONS, PretrainConfig, SettingError)
 from fastmae.train.exit_codes import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_PREEMPTED
 
 
@@ -41,8 +42,16 @@ PRETRAIN_HELP = {
     "warmup_fraction": "fraction of the steps spent in linear warmup (the paper: 40/800)",
     "weight_decay": "AdamW weight decay (not applied to biases, norms and tokens)",
     "mask_ratio": "fraction of patches removed, in [0, 1)",
+    "mask_strategy": "which patches are removed (the paper's section 4.1 ablation): random (the paper's), block "
+                     "(BEiT's blockwise masking: random rectangles, mostly of 16 patches or more), or grid (the "
+                     "top-left patch of every 2x2 cell kept: needs --mask-ratio 0.75 and an even patch grid)",
     "norm_pix_loss": "normalise each target patch by its mean and std (the paper's default)",
-    "precision": "autocast precision (default bf16 on CUDA, fp32 on CPU)",
+    "decoder_depth": "decoder blocks, in place of the preset's (the paper's ablation: 1, 2, 4, 8, 12)",
+    "decoder_embed_dim": "decoder width, in place of the preset's (the paper's ablation: 128 to 1024); a multiple "
+                         "of the decoder heads and of 4",
+    "decoder_num_heads": "decoder attention heads, in place of the preset's",
+    "precision": "autocast precision (default bf16 on CUDA, fp32 on CPU); fp8: float8 matmuls in the encoder and "
+                 "decoder Linears (torchao; CUDA GPUs of compute capability >= 8.9), bf16 autocast for the rest",
     "device": "torch device (default cuda when available, else cpu)",
     "seed": "random seed of weights, masks and data order",
     "log_every": "steps between logged metrics (and host syncs)",
@@ -59,13 +68,26 @@ PRETRAIN_HELP = {
                       "(also decoded at low resolution, ~1 ms a file)",
     "parallel": "with several ranks (torchrun): ddp, or fsdp (FSDP2 sharding, for ViT-H)",
     "activation_checkpointing": "recompute each block's activations in the backward pass (less memory)",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile the model (None: only for precision fp8 on CUDA, as a compiled step is not yet "
+               "measured faster; --no-compile: never); the run prints its step path and why",
+    "cuda_graph": "capture the whole training step in one CUDA graph (None: on for CUDA with one process unless fp16 "
+                  "or a fault hook rules it out; --no-cuda-graph: launch it eagerly)",
+    "param_dtype": "fp32, or bf16: Linear/Conv weights kept in bf16 with fp32 master weights in the optimiser (needs "
+                   "precision bf16, one process; None: fp32, as bf16 is not yet measured faster on a GPU)",
+    "fp8_recipe": "with --precision fp8: torchao's scaling, tensorwise (fastest) or rowwise (a scale per row)",
+    "micro_batch": "auto: measure before training how many images one forward/backward pass fits on the GPU and "
+                   "split each batch into equal passes (the same batch, masks and learning rate); recorded in "
+                   "config.json and kept on resume (None: one pass per batch)",
     "deterministic": "deterministic algorithms: with precision fp32, a resumed run repeats an uninterrupted one "
                      "bit for bit",
     "clip_grad": "clip the global gradient norm to this value",
     "max_nonfinite": f"stop (exit code {EXIT_NONFINITE}) after this many consecutive steps with a non-finite loss "
                      "or gradients; such steps are skipped",
 }
+
+
+CHOICES = {"precision": sorted(PRECISIONS), "parallel": PARALLEL_MODES, "mask_strategy": MASK_STRATEGIES,
+           "param_dtype": PARAM_DTYPES, "fp8_recipe": FP8_RECIPES, "micro_batch": MICRO_BATCH_MODES}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -77,10 +99,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f"{PRETRAIN_HELP[f.name]} [config key {f.name}; default {default}]"
         if "bool" in str(f.type):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif f.name == "precision":
-            parser.add_argument(flag, dest=f.name, choices=sorted(PRECISIONS), default=None, help=help_text)
-        elif f.name == "parallel":
-            parser.add_argument(flag, dest=f.name, choices=PARALLEL_MODES, default=None, help=help_text)
+        elif f.name in CHOICES:
+            parser.add_argument(flag, dest=f.name, choices=CHOICES[f.name], default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0].strip(), str)
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
@@ -123,6 +143,12 @@ def build_parser(with_bench_flags: bool = True) -> argparse.ArgumentParser:
         from fastmae.benchmark.command import add_arguments as add_bench_arguments
 
         add_bench_arguments(bench)
+    from fastmae.finetune.command import add_parsers as add_classifier_parsers
+
+    add_classifier_parsers(sub)  # finetune, linprobe, eval
+    from fastmae.interop.command import add_parsers as add_interop_parsers
+
+    add_interop_parsers(sub)  # export, visualize
     return parser
 
 
@@ -206,15 +232,15 @@ def cmd_info() -> int:
         detail += "; no GPU here, so only its CPU implementations run"
     print(f"fastmae._C: {detail}")
     rows = backend_table()
-    width = max(len(row[0]) for row in rows)
-    print(f"\n{'op':<{width}}  backend    status")
+    width, backend_width = max(len(row[0]) for row in rows), max(len(row[1]) for row in rows)
+    print(f"\n{'op':<{width}}  {'backend':<{backend_width}}  status")
     for op, backend, reason, auto_devices, auto_when in rows:
         status = "available" if reason is None else "unavailable: " + reason
         if reason is None and auto_devices is not None:
             status += f" (chosen automatically for {'/'.join(auto_devices)} tensors, elsewhere only when named)"
         if reason is None and auto_when is not None:
             status += f"; by priority {auto_when}"
-        print(f"{op:<{width}}  {backend:<9}  {status}")
+        print(f"{op:<{width}}  {backend:<{backend_width}}  {status}")
     return 0
 
 
@@ -225,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(with_bench_flags=command == "bench").parse_args(argv)
     if args.command == "pretrain":
         return cmd_pretrain(args)
+    if args.command in ("finetune", "linprobe", "eval"):
+        from fastmae.finetune.command import run as run_classifier_command
+
+        return run_classifier_command(args)
+    if args.command in ("export", "visualize"):
+        from fastmae.interop.command import run as run_interop_command
+
+        return run_interop_command(args)
     if args.command == "bench":
         from fastmae.benchmark.command import cmd_bench
 

@@ -66,6 +66,36 @@ class PatchEmbed(nn.Module):
         return self.proj(imgs).flatten(2).transpose(1, 2)  # (N, D, h, w) -> (N, L, D)
 
 
+def check_imgs(imgs: object, patch_embed: PatchEmbed, device: torch.device) -> torch.Tensor:
+    """``imgs`` as a model with ``patch_embed`` on ``device`` takes them: a floating-point ``(N, C, H, W)`` tensor
+    of the model's channels and img_size, on its device, in its weights' dtype (any under autocast), N >= 1;
+    else a ``ValueError``/``TypeError`` naming what was expected and what was given."""
+    if not isinstance(imgs, torch.Tensor):
+        raise TypeError(f"imgs must be a torch.Tensor (N, C, H, W), got {type(imgs).__name__}")
+    c, (hh, ww), p = patch_embed.in_chans, patch_embed.img_size, patch_embed.patch_size[0]
+    if imgs.ndim != 4:
+        raise ValueError(f"imgs must be (N, C={c}, H={hh}, W={ww}), got shape {tuple(imgs.shape)}")
+    if not imgs.is_floating_point():
+        raise TypeError(f"imgs must be a floating-point tensor (normalised pixels), got {imgs.dtype}")
+    if imgs.shape[1] != c:
+        raise ValueError(f"imgs must have C={c} channels, got shape {tuple(imgs.shape)}")
+    if imgs.shape[2] % p or imgs.shape[3] % p:
+        raise ValueError(f"image height and width must be divisible by the patch size {p}, got "
+                         f"{tuple(imgs.shape[2:])}")
+    if tuple(imgs.shape[2:]) != (hh, ww):
+        raise ValueError(f"this model was built for img_size (H, W) = {(hh, ww)}, got {tuple(imgs.shape[2:])}; "
+                         "build it with that img_size (weights for another grid load with interpolation)")
+    if imgs.device != device:
+        raise ValueError(f"imgs are on {imgs.device} but the model is on {device}")
+    weight_dtype = patch_embed.proj.weight.dtype
+    if imgs.dtype != weight_dtype and not torch.is_autocast_enabled(imgs.device.type):
+        raise TypeError(f"imgs are {imgs.dtype} but the model's weights are {weight_dtype}; convert one, or "
+                        "run under torch.autocast")
+    if imgs.shape[0] == 0:
+        raise ValueError("imgs is an empty batch (N = 0)")
+    return imgs
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused ``qkv`` Linear (with bias) and an output ``proj``."""
 
@@ -97,22 +127,47 @@ class Mlp(nn.Module):
         return self.fc2(hidden)  # (N, S, 4D) -> (N, S, D)
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth, timm's ``drop_path``: in training, each sample's ``x (N, ...)`` is zeroed with
+    probability ``rate`` and the kept ones are scaled by ``1 / (1 - rate)``; identity in eval or at rate 0.
+    The per-sample mask is drawn as timm draws it (``bernoulli_`` on an ``(N, 1, ..., 1)`` tensor)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (N, 1, ..., 1)
+    return x * mask.div_(keep)
+
+
 class Block(nn.Module):
-    """Pre-LN transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+    """Pre-LN transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    ``drop_path`` (fine-tuning; 0 in pretraining) drops each branch's output per sample in training, as timm's
+    ``DropPath`` does, before its residual add."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, drop_path: float = 0.0) -> None:
         super().__init__()
+        if not isinstance(drop_path, numbers.Real) or not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be a number in [0, 1), got {drop_path!r}")
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = float(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, S, D)`` -> ``(N, S, D)``; the second residual add is fused into norm2."""
         attn_out = self.attn(apply_norm(self.norm1, x))
+        if self.drop_path:
+            attn_out = drop_path(attn_out, self.drop_path, self.training)
         normed, x = apply_norm(self.norm2, attn_out, residual=x)  # x <- x + attn_out
-        return x + self.mlp(normed)
+        mlp_out = self.mlp(normed)
+        if self.drop_path:
+            mlp_out = drop_path(mlp_out, self.drop_path, self.training)
+        return x + mlp_out
+
+    def extra_repr(self) -> str:
+        return f"drop_path={self.drop_path}" if self.drop_path else ""
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -184,30 +239,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ------------------------------------------------------------------------------ input checks
     def _check_imgs(self, imgs: object) -> torch.Tensor:
-        if not isinstance(imgs, torch.Tensor):
-            raise TypeError(f"imgs must be a torch.Tensor (N, C, H, W), got {type(imgs).__name__}")
-        c, (hh, ww), p = self.patch_embed.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size[0]
-        if imgs.ndim != 4:
-            raise ValueError(f"imgs must be (N, C={c}, H={hh}, W={ww}), got shape {tuple(imgs.shape)}")
-        if not imgs.is_floating_point():
-            raise TypeError(f"imgs must be a floating-point tensor (normalised pixels), got {imgs.dtype}")
-        if imgs.shape[1] != c:
-            raise ValueError(f"imgs must have C={c} channels, got shape {tuple(imgs.shape)}")
-        if imgs.shape[2] % p or imgs.shape[3] % p:
-            raise ValueError(f"image height and width must be divisible by the patch size {p}, got "
-                             f"{tuple(imgs.shape[2:])}")
-        if tuple(imgs.shape[2:]) != (hh, ww):
-            raise ValueError(f"this model was built for img_size (H, W) = {(hh, ww)}, got {tuple(imgs.shape[2:])}; "
-                             "build it with that img_size (weights for another grid load with interpolation)")
-        if imgs.device != self.cls_token.device:
-            raise ValueError(f"imgs are on {imgs.device} but the model is on {self.cls_token.device}")
-        weight_dtype = self.patch_embed.proj.weight.dtype
-        if imgs.dtype != weight_dtype and not torch.is_autocast_enabled(imgs.device.type):
-            raise TypeError(f"imgs are {imgs.dtype} but the model's weights are {weight_dtype}; convert one, or "
-                            "run under torch.autocast")
-        if imgs.shape[0] == 0:
-            raise ValueError("imgs is an empty batch (N = 0)")
-        return imgs
+        return check_imgs(imgs, self.patch_embed, self.cls_token.device)
 
     @staticmethod
     def _len_keep(mask_ratio: float, num_patches: int) -> int:
@@ -293,41 +325,48 @@ MAE = MaskedAutoencoderViT
 _LN_EPS6 = partial(nn.LayerNorm, eps=1e-6)
 
 
+def _decoder(kwargs: dict, embed_dim: int, depth: int, num_heads: int) -> dict:
+    """A preset's keyword arguments: its decoder (``decoder_embed_dim``, ``decoder_depth``, ``decoder_num_heads``)
+    unless ``kwargs`` gives its own (the paper's decoder ablations, Table 1a/b, on a preset's encoder), and the
+    rest of ``kwargs``."""
+    return {"decoder_embed_dim": embed_dim, "decoder_depth": depth, "decoder_num_heads": num_heads, **kwargs}
+
+
 def mae_vit_tiny_patch16_dec128d2b(**kwargs) -> MaskedAutoencoderViT:  # noqa: ANN003
     """ViT-Ti/16 encoder (192 wide, 12 blocks, 3 heads), 128-wide 2-block decoder: tests and CPU demos."""
-    return MaskedAutoencoderViT(patch_size=16, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128,
-                                decoder_depth=2, decoder_num_heads=4, mlp_ratio=4, norm_layer=_LN_EPS6, **kwargs)
+    return MaskedAutoencoderViT(patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4,
+                                norm_layer=_LN_EPS6, **_decoder(kwargs, 128, 2, 4))
 
 
 def mae_vit_small_patch16_dec256d4b(**kwargs) -> MaskedAutoencoderViT:  # noqa: ANN003
     """ViT-S/16 encoder (384 wide, 12 blocks, 6 heads), 256-wide 4-block decoder."""
-    return MaskedAutoencoderViT(patch_size=16, embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256,
-                                decoder_depth=4, decoder_num_heads=8, mlp_ratio=4, norm_layer=_LN_EPS6, **kwargs)
+    return MaskedAutoencoderViT(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4,
+                                norm_layer=_LN_EPS6, **_decoder(kwargs, 256, 4, 8))
 
 
 def mae_vit_base_patch16_dec512d8b(**kwargs) -> MaskedAutoencoderViT:  # noqa: ANN003
     """The paper's ViT-B/16 MAE: 768 wide, 12 blocks, 12 heads; 512-wide 8-block decoder."""
-    return MaskedAutoencoderViT(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
-                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN_EPS6, **kwargs)
+    return MaskedAutoencoderViT(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4,
+                                norm_layer=_LN_EPS6, **_decoder(kwargs, 512, 8, 16))
 
 
 def mae_vit_large_patch16_dec512d8b(**kwargs) -> MaskedAutoencoderViT:  # noqa: ANN003
     """The paper's ViT-L/16 MAE: 1024 wide, 24 blocks, 16 heads; 512-wide 8-block decoder."""
-    return MaskedAutoencoderViT(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512,
-                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN_EPS6, **kwargs)
+    return MaskedAutoencoderViT(patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4,
+                                norm_layer=_LN_EPS6, **_decoder(kwargs, 512, 8, 16))
 
 
 def mae_vit_huge_patch14_dec512d8b(**kwargs) -> MaskedAutoencoderViT:  # noqa: ANN003
     """The paper's ViT-H/14 MAE: 1280 wide, 32 blocks, 16 heads; 512-wide 8-block decoder."""
-    return MaskedAutoencoderViT(patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512,
-                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN_EPS6, **kwargs)
+    return MaskedAutoencoderViT(patch_size=14, embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4,
+                                norm_layer=_LN_EPS6, **_decoder(kwargs, 512, 8, 16))
 
 
 def mae_vit_demo_patch8_dec128d2b(**kwargs) -> MaskedAutoencoderViT:  # noqa: ANN003
     """Demo-only (not an official preset): 8 px patches, a 128-wide 4-block encoder (4 heads), a 128-wide 2-block
     decoder: the CPU demo's model, chosen by measurement (docs/demo-recipe.md)."""
-    return MaskedAutoencoderViT(patch_size=8, embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=128,
-                                decoder_depth=2, decoder_num_heads=4, mlp_ratio=4, norm_layer=_LN_EPS6, **kwargs)
+    return MaskedAutoencoderViT(patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4,
+                                norm_layer=_LN_EPS6, **_decoder(kwargs, 128, 2, 4))
 
 
 # the official short names

@@ -60,6 +60,8 @@ class AotKernel:
     """One launch configuration of a ``@triton.jit`` kernel: ``fn``, the values of its constexpr parameters
     (``constexprs``: every one, by name), ``overrides`` of the types :func:`jit_signature` derives from
     its argument names, and the launch's warps and stages. ``label`` names the configuration in the report.
+    ``divisible_by_16`` names integer arguments to hint as multiples of 16, as the JIT specialises them at the
+    shapes that matter (a GEMM's row lengths: without the hint its tile loads cannot be pipelined).
     """
 
     fn: object
@@ -68,6 +70,7 @@ class AotKernel:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
+    divisible_by_16: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -83,6 +86,9 @@ class AotKernel:
         if wanted != set(self.constexprs):
             raise ValueError(f"{self.name}: constexprs {sorted(self.constexprs)} != the kernel's constexpr "
                              f"parameters {sorted(wanted)}")
+        not_ints = sorted(set(self.divisible_by_16) - {name for name, kind in signature.items() if kind == "i32"})
+        if not_ints:
+            raise ValueError(f"{self.name}: divisible_by_16 names {not_ints}, which are not i32 arguments")
         return signature
 
 
@@ -135,7 +141,8 @@ def compile_kernel(kernel: AotKernel, arch: int, dtype: str) -> AotResult:
 
     signature = {k: v.replace("{dtype}", dtype) for k, v in kernel.signature.items()}
     # as the JIT specialises for freshly allocated tensors: every pointer 16-byte aligned
-    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(signature.items())
+               if t.startswith("*") or name in kernel.divisible_by_16}
     source = ASTSource(fn=kernel.fn, signature=signature, constexprs=dict(kernel.constexprs), attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages})

@@ -226,3 +226,24 @@ def test_dali_mixed_decode_gives_cuda_batches(photo_root: Path) -> None:
     assert batch.device.type == "cuda" and batch.dtype == torch.bfloat16 and batch.shape == (8, 3, 32, 32)
     assert "nvJPEG" in dali.describe()
     assert (batch.float() - next(torch_)).abs().mean() < 0.03  # same files, crops and flips
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restore_continues_exactly_on_cuda(photo_root: Path, backend: str) -> None:
+    """test_same_seed_same_batches_and_restore_continues_exactly with the batches on the GPU: DALI decodes with
+    nvJPEG (mixed), the torch backend copies to the device; after load_state_dict the next batches are the same."""
+    def cuda_loader() -> object:
+        return pretrain_loader(photo_root, 8, img_size=32, backend=backend, device="cuda", seed=5, num_workers=2)
+
+    loader = cuda_loader()  # 3 batches per epoch
+    for _ in range(4):  # into the second epoch
+        next(loader)
+    state = loader.state_dict()
+    expected = [next(loader).clone() for _ in range(3)]  # across the epoch boundary
+    again = cuda_loader()
+    next(again)
+    again.load_state_dict(state)
+    restored = [next(again) for _ in range(3)]
+    assert all(b.device.type == "cuda" for b in restored)
+    assert all(torch.equal(a, b) for a, b in zip(expected, restored))

@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                  + _default_help(gpu.warmup, cpu.warmup))
     parser.add_argument("--input", default="synthetic",
                         help=f"comma-separated input modes from {list(INPUT_MODES)}: synthetic images already on the "
-                             "device, or the JPEG loader end to end [default %(default)s]")
+                             "device, or fastmae's pretraining loader end to end on the --data folder (loader: DALI "
+                             "when installed, else torch; loader-dali, loader-torch: that backend); each row says "
+                             "which input it had in input_detail [default %(default)s]")
     parser.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR),
                         help="folder of the per-GPU CSV files; a relative path is taken from the current "
                              "directory [default %(default)s]")
@@ -55,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image folder for --input loader [default: JPEGs generated from the demo photos]")
     parser.add_argument("--workers", type=int, default=None,
                         help="loader worker processes [default: cores - 1, at most 16]")
+    parser.add_argument("--no-kernel-count", dest="count_kernels", action="store_false",
+                        help="do not profile one more step per row to count its CUDA kernels (kernels_per_step)")
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
@@ -74,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         steps=args.steps, warmup=args.warmup, inputs=_names(args.input), results_dir=Path(args.results_dir),
         device=args.device, max_seconds=args.max_seconds,
         data_dir=Path(args.data) if args.data else None, loader_workers=args.workers,
+        count_kernels=args.count_kernels,
     )
 
 

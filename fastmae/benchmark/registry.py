@@ -38,6 +38,19 @@ def check_impl_names(impls: tuple[str, ...]) -> None:
         raise ValueError(f"unknown impl(s) {unknown}; expected names from {list(ALL_IMPLS)}")
 
 
+def impl_of_step(compile: bool, cuda_graph: bool, bf16_params: bool = False, fp8: bool = False) -> str:
+    """The fastmae variant (a key of ``FASTMAE_IMPLS``, default backends, no activation checkpointing) whose step is
+    built this way. With the fields of the trainer's ``FastPath`` (``fastmae.train.cuda_graph.choose_fast_path``)
+    it names the benchmark row of the step ``fastmae pretrain`` runs; ``ValueError`` when no variant matches."""
+    wanted = (compile, cuda_graph, bf16_params, fp8)
+    for name, v in FASTMAE_IMPLS.items():
+        if (v.compile, v.cuda_graph, v.bf16_params, v.fp8) == wanted and v.backend is None \
+                and not v.activation_checkpointing:
+            return name
+    raise ValueError(f"no fastmae variant has compile={compile}, cuda_graph={cuda_graph}, bf16_params={bf16_params}, "
+                     f"fp8={fp8}; the variants are {sorted(FASTMAE_IMPLS)}")
+
+
 def unavailable_reason(impl: str, device: torch.device) -> str | None:
     """Why ``impl`` cannot run on ``device``, found without building it; ``None`` when it can."""
     check_impl_names((impl,))

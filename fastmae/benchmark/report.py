@@ -60,8 +60,8 @@ def _percent(value: float | None) -> str:
 def format_table(rows: list[dict[str, object]]) -> str:
     """Plain-text table of ``rows`` (results rows, skipped ones included), sorted by model then img/s."""
     ordered = sorted(rows, key=lambda r: (str(r["model"]), str(r["input"]), -(_number(r, "img_per_s") or -1.0)))
-    header = ["model", "input", "impl", "batch", "img/s", "ms/step", "MFU meas", "MFU spec", "mem GiB", "setup s",
-              *(f"x {b}" for b in SPEEDUP_OVER), "status"]
+    header = ["model", "input", "impl", "batch", "img/s", "ms/step", "MFU meas", "MFU spec", "mem GiB", "kernels",
+              "setup s", *(f"x {b}" for b in SPEEDUP_OVER), "status"]
     lines = [header]
     for r, ratios in zip(ordered, speedups(ordered)):
         batch = str(r["batch"])
@@ -73,7 +73,7 @@ def format_table(rows: list[dict[str, object]]) -> str:
             "" if img_per_s is None else f"{img_per_s:.1f}",
             "" if ms is None else f"{ms:.2f}",
             _percent(_number(r, "mfu_measured")), _percent(_number(r, "mfu_spec")),
-            str(r.get("peak_mem_gib") or ""), str(r.get("setup_s") or ""),
+            str(r.get("peak_mem_gib") or ""), str(r.get("kernels_per_step") or ""), str(r.get("setup_s") or ""),
             *("" if ratios[b] is None else f"{ratios[b]:.2f}x" for b in SPEEDUP_OVER),
             str(r["status"])[:120],
         ])

@@ -4,7 +4,9 @@ A row is identified by ``KEY`` (implementation, model, requested batch, image si
 CUDA graph, input mode); writing a row replaces the row with the same key and keeps the others.
 Every write goes to a temporary file that replaces the CSV in one ``os.replace``, so a run killed
 mid-write never leaves a truncated file. Values are stored as text; a column that does not apply
-(MFU on a CPU, say) is empty.
+(MFU on a CPU, say) is empty. ``kernels_per_step`` is the number of CUDA kernels one step launches
+(``fastmae.benchmark.timing.count_kernels``); ``input_detail`` says which input the row had (the loader's
+backend, workers, images and folder, or the synthetic batch).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from pathlib import Path
 COLUMNS = (
     "gpu", "impl", "model", "batch", "batch_used", "img_size", "mask_ratio", "dtype", "compile", "cuda_graph",
     "input", "steps", "img_per_s", "ms_per_step", "loss", "gflops_per_img", "mfu_measured", "mfu_spec",
-    "matmul_tflops_measured", "spec_tflops", "peak_mem_gib", "setup_s", "torch", "triton", "cuda", "git_rev",
-    "date", "status",
+    "matmul_tflops_measured", "spec_tflops", "peak_mem_gib", "kernels_per_step", "setup_s", "torch", "triton", "cuda",
+    "git_rev", "date", "status", "input_detail",
 )
 KEY = ("impl", "model", "batch", "img_size", "dtype", "compile", "cuda_graph", "input")
-CPU_ONLY_EMPTY = ("mfu_measured", "mfu_spec", "matmul_tflops_measured", "spec_tflops", "peak_mem_gib")
+CPU_ONLY_EMPTY = ("mfu_measured", "mfu_spec", "matmul_tflops_measured", "spec_tflops", "peak_mem_gib",
+                  "kernels_per_step")
 REGRESSION_THRESHOLD = 0.05  # a row more than 5% below the old img/s is a regression
 
 

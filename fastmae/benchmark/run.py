@@ -1,7 +1,8 @@
 """``fastmae bench``'s run: pretraining-step throughput of fastmae and the baselines, one CSV row each.
 
 For each model, input mode and implementation (in the order given): build the step, run
-``warmup`` steps, time ``steps`` steps, and upsert the row into ``<results-dir>/<gpu>.csv`` at
+``warmup`` steps, time ``steps`` steps, count the CUDA kernels of one more step (on CUDA, unless
+``count_kernels`` is off), and upsert the row into ``<results-dir>/<gpu>.csv`` at
 once, so a run cut short keeps every row it finished. A row that runs out of GPU memory is retried
 once at half the batch, then recorded as ``oom``; any other failure is recorded as ``error: ...``
 and the next row runs; an implementation that cannot run here (a baseline's missing dependency,
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 import fastmae
-from fastmae.benchmark.inputs import INPUT_MODES, BatchSource
+from fastmae.benchmark.inputs import INPUT_MODES, BatchSource, input_unavailable_reason
 from fastmae.benchmark.peak import measure_matmul_tflops, mfu, spec_tflops
 from fastmae.benchmark.registry import (
     CPU_DEFAULT_IMPLS,
@@ -33,7 +34,7 @@ from fastmae.benchmark.registry import (
     unavailable_reason,
 )
 from fastmae.benchmark.results import gpu_slug, upsert_rows
-from fastmae.benchmark.timing import Timing, time_train_step
+from fastmae.benchmark.timing import Timing, count_kernels, time_train_step
 from fastmae.benchmark.train_step import FASTMAE_IMPLS, MASK_RATIO, StepUnavailable, TrainStep, check_model_name
 from fastmae.flops import mae_flops
 from fastmae.model import PRESETS
@@ -109,6 +110,7 @@ class BenchConfig:
     max_seconds: float | None = None
     data_dir: Path | None = None  # JPEG folder for the loader input; default: the generated demo set
     loader_workers: int | None = None
+    count_kernels: bool = True  # profile one more step per row on CUDA and record its kernel count
     defaults_used: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -166,6 +168,9 @@ class Attempt:
     meta: dict[str, object] | None = None  # dtype, compile, cuda_graph of the built step
     timing: Timing | None = None
     setup_s: float | None = None
+    kernels: int | None = None  # CUDA kernels of one step (None off CUDA, or when not counted)
+    input_detail: str = ""  # which input the row had (BatchSource.detail)
+    note: str | None = None  # a side remark for the log (a kernel count that failed)
 
 
 def _git_revision() -> str:
@@ -260,7 +265,15 @@ def _attempt(builders: Builders, impl: str, model: str, batch: int, mode: str, c
         source = BatchSource(mode, batch, cfg.img_size, ctx.device, cfg.warmup + cfg.steps, cfg.data_dir,
                              cfg.loader_workers)
         timing = time_train_step(step, source, cfg.steps, cfg.warmup, ctx.device)
-        return Attempt("ok", _step_meta(step), timing, build_s + timing.warmup_seconds)
+        kernels, note = None, None
+        if cfg.count_kernels:
+            try:
+                kernels = count_kernels(step, source, ctx.device)
+            except Exception as exc:  # the timing stands; the count stays empty and the log says why
+                note = f"kernel count failed: {_describe(exc)}"
+            if kernels == 0:  # a step launches kernels: no count rather than a wrong one
+                kernels, note = None, "kernel count failed: the profiler recorded no kernel of the step"
+        return Attempt("ok", _step_meta(step), timing, build_s + timing.warmup_seconds, kernels, source.detail, note)
     except Exception as exc:
         status = "oom" if _is_oom(exc) else f"error: {_describe(exc)}"
         return Attempt(status, _step_meta(step) if step is not None else None)
@@ -309,6 +322,7 @@ def _row(ctx: RunContext, cfg: BenchConfig, impl: str, model: str, mode: str, ba
         "matmul_tflops_measured": None if ctx.matmul_tflops is None else f"{ctx.matmul_tflops:.1f}",
         "spec_tflops": ctx.spec_tflops, **ctx.versions,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": attempt.status,
+        "kernels_per_step": attempt.kernels, "input_detail": attempt.input_detail,
     }
     timing = attempt.timing
     if timing is not None:
@@ -329,8 +343,9 @@ def _summary(row: dict[str, object]) -> str:
         return str(row["status"])
     mfu_text = "" if row.get("mfu_measured") is None else f", MFU {100 * float(row['mfu_measured']):.1f}%"
     mem_text = "" if row.get("peak_mem_gib") is None else f", {row['peak_mem_gib']} GiB"
-    return (f"{row['img_per_s']} img/s at batch {row['batch_used']}, {row['ms_per_step']} ms/step{mfu_text}{mem_text}, "
-            f"setup {row['setup_s']} s, loss {row['loss']}: {row['status']}")
+    kernel_text = "" if row.get("kernels_per_step") is None else f", {row['kernels_per_step']} kernels/step"
+    return (f"{row['img_per_s']} img/s at batch {row['batch_used']}, {row['ms_per_step']} ms/step{mfu_text}{mem_text}"
+            f"{kernel_text}, setup {row['setup_s']} s, loss {row['loss']}: {row['status']}")
 
 
 def _train_flops(model: str, img_size: int) -> int:
@@ -355,6 +370,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> tuple[lis
                 elapsed, batch = time.monotonic() - started, cfg.batch_for(model)
                 if impl in builders.unavailable:
                     attempt = Attempt(f"skipped: {builders.unavailable[impl]}")
+                elif input_unavailable_reason(mode) is not None:
+                    attempt = Attempt(f"skipped: {input_unavailable_reason(mode)}")
                 elif cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
                     attempt = Attempt(f"skipped: time budget of {cfg.max_seconds:g} s spent")
                 else:
@@ -365,4 +382,6 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> tuple[lis
                 if not attempt.status.startswith("skipped") and row["dtype"] != "":
                     upsert_rows(ctx.csv_path, [row])
                 log(f"    {impl}: {_summary(row)}")
+                if attempt.note is not None:
+                    log(f"    {impl}: {attempt.note}")
     return rows, ctx.csv_path

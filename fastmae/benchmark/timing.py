@@ -1,14 +1,26 @@
-"""Timing one ``TrainStep``: ``warmup`` untimed steps, then ``steps`` timed ones.
+"""Timing one ``TrainStep``: ``warmup`` untimed steps, then ``steps`` timed ones; and counting its kernels.
 
 On CUDA the timed span is measured with CUDA events recorded on the current stream before the
 first and after the last timed step (so it includes any time the GPU waits for the host: input,
 Python overhead, host syncs), and peak memory is ``torch.cuda.max_memory_allocated`` since the
 caller last reset it. On a CPU it is wall-clock time and peak memory is not measured.
+
+``count_kernels`` runs one more step under ``torch.profiler`` with only the CUDA activity and counts
+the trace's events of category ``kernel`` (CUPTI's kernel records; memcpy/memset records are other
+categories). A step replayed from a CUDA graph is counted too: CUPTI records each kernel node of
+the graph as a kernel. It is how many kernels one step launches, the number that fusion and CUDA
+graphs are about. It runs after the timed steps, and with ``TEARDOWN_CUPTI=1`` (unless set otherwise): Kineto
+then detaches CUPTI when the profiler stops, which it otherwise leaves attached, slowing every later kernel
+launch of the process (pytorch/pytorch#144455), i.e. the next rows' timings. torch itself keeps CUPTI attached
+for CUDA graphs only with CUDA < 12.6, where re-attaching crashed.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,3 +83,35 @@ def time_train_step(step: TrainStep, next_batch: Callable[[], torch.Tensor], ste
         raise FloatingPointError(f"{step.impl} on {step.model_name}: the loss is {loss_value} "
                                  f"after {warmup + steps} steps")
     return Timing(step.batch_size, steps, seconds, warmup_seconds, peak, loss_value)
+
+
+def kernels_in_trace(trace: dict) -> int:
+    """The number of GPU kernel records in a Chrome trace exported by ``torch.profiler`` (``{"traceEvents":
+    [{"cat": "kernel", ...}, ...]}``): events of category ``kernel``, not memcpy, memset or CPU events."""
+    if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
+        raise ValueError(f"a profiler trace is a dict with a traceEvents list, got {type(trace).__name__} "
+                         f"with keys {sorted(trace) if isinstance(trace, dict) else None}")
+    return sum(1 for event in trace["traceEvents"] if isinstance(event, dict) and event.get("cat") == "kernel")
+
+
+def count_kernels(step: TrainStep, next_batch: Callable[[], torch.Tensor], device: torch.device) -> int | None:
+    """The CUDA kernels one ``step.run`` launches (module docstring); ``None`` off CUDA. Run it after the
+    warm-up: the first steps of a compiled or graphed step launch compilation and capture work."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("TEARDOWN_CUPTI", "1")
+    imgs = next_batch()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step.run(imgs)
+        torch.cuda.synchronize(device)
+    fd, path = tempfile.mkstemp(prefix="fastmae-kernels-", suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return kernels_in_trace(json.load(f))
+    finally:
+        os.unlink(path)

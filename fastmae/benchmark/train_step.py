@@ -9,6 +9,8 @@ fastmae's variants (``FASTMAE_IMPLS``): the default backends (dispatch chooses) 
 ``torch.compile``, with the whole step captured in a CUDA graph (MAE's fixed mask count makes
 every shape static; the masking noise is drawn inside the graph), both, and the readable
 ``reference`` backends. On CUDA the step runs under bf16 autocast with fused AdamW; on CPU in fp32.
+The ``-fp8`` variants run the blocks' Linears with float8 matmuls (``fastmae.train.fp8``, torchao; CUDA GPUs of
+compute capability >= 8.9), everything else under bf16 autocast: their ``dtype`` is the autocast dtype, bf16.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import torch
 
 from fastmae import ops
 from fastmae.model import PRESETS
+from fastmae.train.distributed import add_activation_checkpointing
+from fastmae.train import cuda_graph
+from fastmae.train.fp8 import convert_to_fp8, fp8_unavailable_reason
 from fastmae.train.master_weights import MasterWeights
 from fastmae.train.optim import build_optimizer, param_groups
 
@@ -27,7 +32,6 @@ MASK_RATIO = 0.75
 BASE_LR = 1.5e-4  # lr = BASE_LR * batch / 256, as the paper
 WEIGHT_DECAY = 0.05
 BETAS = (0.9, 0.95)
-GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy state, autotuning, compilation)
 
 
 class StepUnavailable(RuntimeError):
@@ -58,6 +62,8 @@ class FastmaeVariant:
     cuda_graph: bool = False
     backend: str | None = None  # a blanket fastmae.ops.use_backend name; None: dispatch chooses
     bf16_params: bool = False  # Linear/Conv weights kept in bf16, fp32 masters in the optimiser (CUDA, bf16)
+    activation_checkpointing: bool = False  # recompute each block in the backward (--activation-checkpointing)
+    fp8: bool = False  # float8 matmuls in the blocks' Linears (fastmae.train.fp8, torchao tensorwise), bf16 autocast
 
 
 FASTMAE_IMPLS: dict[str, FastmaeVariant] = {
@@ -68,6 +74,9 @@ FASTMAE_IMPLS: dict[str, FastmaeVariant] = {
     "fastmae-reference": FastmaeVariant(backend="reference"),
     "fastmae-bf16params": FastmaeVariant(bf16_params=True),
     "fastmae-cudagraph-bf16params": FastmaeVariant(cuda_graph=True, bf16_params=True),
+    "fastmae-actckpt": FastmaeVariant(activation_checkpointing=True),  # the memory it saves, the time it costs
+    "fastmae-fp8": FastmaeVariant(compile=True, fp8=True),  # what --precision fp8 runs (compiled: fused casts)
+    "fastmae-compile-cudagraph-fp8": FastmaeVariant(compile=True, cuda_graph=True, fp8=True),
 }
 
 
@@ -85,6 +94,10 @@ def fastmae_unavailable_reason(impl: str, device: torch.device) -> str | None:
         return f"{impl}: CUDA graphs need a CUDA device, got {device}"
     if FASTMAE_IMPLS[impl].bf16_params and torch.device(device).type != "cuda":
         return f"{impl}: bf16 parameters train under bf16 autocast, which the benchmark uses on CUDA only, got {device}"
+    if FASTMAE_IMPLS[impl].fp8:
+        why = fp8_unavailable_reason(device)
+        if why is not None:
+            return f"{impl}: {why}"
     return None
 
 
@@ -103,6 +116,10 @@ def build_fastmae_step(impl: str, model_name: str, batch_size: int, img_size: in
     with torch.device(device):  # initialise on the device: fast for ViT-H
         model = PRESETS[model_name](img_size=img_size, norm_pix_loss=True)
     model.train()
+    if variant.activation_checkpointing:
+        add_activation_checkpointing(model)
+    if variant.fp8:
+        convert_to_fp8(model)
     lr = BASE_LR * batch_size / 256
     masters = MasterWeights(model) if variant.bf16_params else None
     groups = masters.param_groups(WEIGHT_DECAY) if masters else param_groups(model, WEIGHT_DECAY)
@@ -155,23 +172,14 @@ def capture_cuda_graph(step: Callable[[torch.Tensor], torch.Tensor], optimizer: 
                        batch_size: int, img_size: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """Capture ``step`` (forward, backward, optimiser step) once; return a ``run`` that replays it.
 
-    As in the torch CUDA-graph docs: a few eager steps on a side stream first, grads set to None
-    so the captured backward allocates them from the graph's pool; each replay overwrites them (the
-    same as zeroing before the step). ``run(imgs)`` copies ``imgs (N, 3, H, W)`` into the static
-    input and returns the static loss, which the next replay overwrites.
+    The capture is ``fastmae.train.cuda_graph.capture_cuda_graph``, the trainer's own: a few eager steps on a side
+    stream first, grads set to None so the captured backward allocates them from the graph's pool; each replay
+    overwrites them (the same as zeroing before the step). ``run(imgs)`` copies ``imgs (N, 3, H, W)`` into the
+    static input and returns the static loss, which the next replay overwrites.
     """
     static_imgs = torch.randn(batch_size, 3, img_size, img_size, device=device)  # (N, 3, H, W)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(GRAPH_WARMUP_STEPS):
-            optimizer.zero_grad(set_to_none=True)
-            step(static_imgs)
-    torch.cuda.current_stream(device).wait_stream(side)
-    optimizer.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        static_loss = step(static_imgs)
+    graph, static_loss = cuda_graph.capture_cuda_graph(lambda: step(static_imgs),
+                                                       lambda: optimizer.zero_grad(set_to_none=True), device)
 
     def replay(imgs: torch.Tensor) -> torch.Tensor:
         if imgs.data_ptr() != static_imgs.data_ptr():

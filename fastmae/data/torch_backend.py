@@ -1,16 +1,26 @@
 """The torch backend of the pretraining loader: PIL decode on ``DataLoader`` workers.
 
 The batch plans (files, crop boxes, flips) come from ``EpochPlan``; the workers decode, crop,
-resize (bicubic), optionally apply torchvision's RandAugment (fine-tuning; its random draws seeded
-by the sample's plan), flip, and send ``uint8`` images (a quarter of float32's bytes); the main
-process moves them to the device and normalises them there. With ``labels``, batches are
-``(images, labels)``.
+resize (bicubic), optionally apply RandAugment (fine-tuning: timm's, from ``create_transform`` as the
+official MAE fine-tuning builds it, for a policy string such as ``rand-m9-mstd0.5-inc1``, or
+torchvision's for an ``(operations, magnitude)`` pair; its random draws seeded by the sample's plan),
+flip, and send ``uint8`` images (a quarter of float32's bytes); the main process moves them to the
+device and normalises them there. With ``labels``, batches are ``(images, labels)``.
+
+timm's training transform is RandomResizedCrop (bicubic) + flip, RandAugment, to-tensor/normalise and
+random erasing. Here the crop box and flip come from the plan instead (the same sampling, but a
+function of the sample's position: exact resume, and the same crops as the DALI backend), the flip
+comes after RandAugment (as on DALI; RandAugment's operations are mirror-symmetric in distribution), and
+random erasing runs on the normalised batch (``fastmae.data.eval.finetune_loader``), as timm's
+prefetcher does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Generator, Iterator
+import random
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +50,49 @@ def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((images.float() - mean) * inv_std).to(dtype)
 
 
+@contextlib.contextmanager
+def seeded_rngs(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Inside: Python's ``random``, numpy's global generator, torch's CPU generator and, for a CUDA ``device``, its
+    generator, all seeded with ``seed``; afterwards each is as it was (the caller's streams are untouched). For
+    augmentations that draw from the global generators (timm's RandAugment, RandomErasing and Mixup)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cuda = device is not None and device.type == "cuda"
+    try:
+        with torch.random.fork_rng(devices=[device] if cuda else []):
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.random.default_generator.manual_seed(seed)  # the CPU generator only
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def rand_augment_transform(spec: str | tuple[int, int], size: int) -> Callable[[Image.Image], Image.Image]:
+    """RandAugment on PIL images of ``size`` pixels: a timm policy string (e.g. ``rand-m9-mstd0.5-inc1``) gives
+    timm's, taken from ``timm.data.create_transform`` with the official fine-tuning arguments (bicubic, ImageNet
+    mean as the fill colour); an ``(operations, magnitude of 30)`` pair gives torchvision's."""
+    if isinstance(spec, str):
+        from timm.data import create_transform
+
+        stages = create_transform(size, is_training=True, auto_augment=spec, interpolation="bicubic",
+                                  mean=IMAGENET_MEAN, std=IMAGENET_STD, separate=True, use_prefetcher=True)
+        return stages[1]  # (crop + flip, RandAugment, to-tensor): the plan does the first, normalize() the last
+    return transforms.RandAugment(*spec, interpolation=transforms.InterpolationMode.BICUBIC)
+
+
 def crop_resize_flip(img: Image.Image, box: tuple[int, int, int, int], size: int, flip: bool,
-                     rand_augment: transforms.RandAugment | None = None, augment_seed: int = 0) -> torch.Tensor:
+                     rand_augment: Callable[[Image.Image], Image.Image] | None = None,
+                     augment_seed: int = 0) -> torch.Tensor:
     """The ``box`` (left, top, width, height) of ``img``, bicubic-resized to ``size``, RandAugment-ed
     (its draws seeded with ``augment_seed``), maybe mirrored: ``(3, size, size)`` uint8."""
     left, top, width, height = box
     out = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + width, top + height))
     if rand_augment is not None:
-        with torch.random.fork_rng(devices=[]):  # leaves the caller's generator as it was
-            torch.manual_seed(augment_seed)
+        with seeded_rngs(augment_seed):  # leaves the caller's generators as they were
             out = rand_augment(out)
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -59,10 +103,9 @@ class CroppedImages(Dataset):
     """``dataset[SampleKey]`` -> ``(3, size, size)`` uint8, or ``(image, label)`` with ``labels``."""
 
     def __init__(self, files: list[Path], sizes: np.ndarray, size: int, labels: list[int] | None = None,
-                 rand_augment: tuple[int, int] | None = None) -> None:
+                 rand_augment: str | tuple[int, int] | None = None) -> None:
         self.files, self.sizes, self.size, self.labels = files, sizes, size, labels
-        self.rand_augment = None if rand_augment is None else transforms.RandAugment(
-            *rand_augment, interpolation=transforms.InterpolationMode.BICUBIC)
+        self.rand_augment = None if rand_augment is None else rand_augment_transform(rand_augment, size)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -107,7 +150,7 @@ class TorchBackend:
 
     def __init__(self, files: list[Path], sizes: np.ndarray, plan: EpochPlan, img_size: int, device: torch.device,
                  dtype: torch.dtype, num_workers: int, labels: list[int] | None = None,
-                 rand_augment: tuple[int, int] | None = None) -> None:
+                 rand_augment: str | tuple[int, int] | None = None) -> None:
         self.dataset = CroppedImages(files, sizes, img_size, labels, rand_augment)
         self.plan, self.device, self.dtype, self.num_workers = plan, device, dtype, num_workers
 

@@ -5,7 +5,10 @@ An op with kernels is defined once, in ``fastmae/ops/<op>.py``: one ``torch.libr
 schema's last argument, ``backend``, names whose kernels the op's body runs, with the op's own arguments:
 
 - ``triton``: the function ``<name>`` of ``fastmae.kernels.<op>`` (kernels/<op>.py),
-- ``cuda``: ``torch.ops.fastmae_C.<name>`` (csrc/: the ``fastmae._C`` extension, CPU and CUDA implementations).
+- ``cuda``: ``torch.ops.fastmae_C.<name>`` (csrc/: the ``fastmae._C`` extension, CPU and CUDA implementations),
+- ``triton-gemm``: the function ``<name>`` of ``fastmae.kernels.<op>_gemm`` (kernels/<op>_gemm.py): the op's
+  GEMMs in Triton with its elementwise work fused in (linear_gelu; named only, not among KERNEL_BACKENDS, the
+  backends every op with kernels may have).
 
 So a backend supplies only functions with the op's argument list; everything else about the op (checks,
 dtype rules, fake, autograd) is written once.
@@ -34,7 +37,9 @@ def kernel(backend: str, op: str, name: str) -> Callable:
         import fastmae._C  # noqa: F401  (loads torch.ops.fastmae_C)
 
         return getattr(torch.ops.fastmae_C, name)
-    raise ValueError(f"{op}: backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    if backend == "triton-gemm":
+        return getattr(importlib.import_module(f"fastmae.kernels.{op}_gemm"), name)
+    raise ValueError(f"{op}: backend must be one of {(*KERNEL_BACKENDS, 'triton-gemm')}, got {backend!r}")
 
 
 def triton_devices() -> tuple[str, ...]:

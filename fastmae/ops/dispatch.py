@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-BACKEND_NAMES = ("reference", "torch", "triton", "cuda", "xformers", "apex")
+BACKEND_NAMES = ("reference", "torch", "triton", "cuda", "xformers", "apex", "triton-gemm")
 ENV_VAR = "FASTMAE_BACKEND"
 _ALL_OPS = "*"
 
@@ -110,7 +110,8 @@ class Backend:
 
 
 _SHORT_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-DEVICE_NOTES = {"triton": " (cpu ones only under the Triton interpreter, TRITON_INTERPRET=1)"}
+_INTERPRETER_NOTE = " (cpu ones only under the Triton interpreter, TRITON_INTERPRET=1)"
+DEVICE_NOTES = {"triton": _INTERPRETER_NOTE, "triton-gemm": _INTERPRETER_NOTE}
 
 
 _SERIALS = itertools.count()

@@ -88,6 +88,70 @@ def _linear_gelu_kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return bias_gelu_op(hidden, bias, backend)  # (..., F) in hidden's dtype
 
 
+# ---- the triton-gemm backend's op: the GEMMs themselves, bias + GELU (and GELU') fused into them ----
+
+@torch.library.custom_op("fastmae::linear_gelu", mutates_args=())
+def linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x (..., Din)``, ``weight (F, Din)`` in x's dtype, ``bias (F,)`` -> ``(out, gate)``, both ``(..., F)`` in x's
+    dtype: ``out = gelu(z)``, ``gate = gelu'(z)`` (``z = x @ weight^T + bias``), which the backward reads instead
+    of ``z`` (not differentiable)."""
+    return kernel(backend, "linear_gelu", "linear_gelu")(x, weight, bias)
+
+
+@linear_gelu_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))  # (..., F), contiguous as the kernels' outputs
+    return out, torch.empty_like(out)
+
+
+@torch.library.custom_op("fastmae::linear_gelu_backward", mutates_args=())
+def linear_gelu_backward_op(grad: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``grad (..., F)`` of out, ``gate (..., F)`` (the forward's), ``x (..., Din)``, ``weight (F, Din)``, ``bias
+    (F,)`` -> ``(grad_x (..., Din)``, ``grad_weight (F, Din)`` in x's dtype, ``grad_bias (F,)`` in the bias's
+    dtype)."""
+    return kernel(backend, "linear_gelu", "linear_gelu_backward")(grad, gate, x, weight, bias)
+
+
+@linear_gelu_backward_op.register_fake
+def _(grad: torch.Tensor, gate: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), x.new_empty(weight.shape), bias.new_empty(bias.shape)  # contiguous
+
+
+def _gemm_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, backend = inputs
+    _, gate = output
+    ctx.mark_non_differentiable(gate)
+    ctx.save_for_backward(gate, x, weight, bias)
+    ctx.backend = backend
+
+
+def _gemm_backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, _grad_gate: torch.Tensor) -> tuple:
+    gate, x, weight, bias = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = linear_gelu_backward_op(grad, gate, x, weight, bias, ctx.backend)
+    needs = ctx.needs_input_grad  # x, weight, bias, backend
+    return (grad_x if needs[0] else None, grad_weight if needs[1] else None, grad_bias if needs[2] else None,
+            None)
+
+
+linear_gelu_op.register_autograd(_gemm_backward, setup_context=_gemm_setup_context)
+
+
+def _linear_gelu_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, backend: str) -> torch.Tensor:
+    """Under autocast x and weight go to the autocast dtype, as F.linear casts them; the bias keeps its dtype
+    (the epilogue adds it in fp32), as in the triton backend."""
+    dtype = _output_dtype(x)
+    out, _ = linear_gelu_op(x.to(dtype), weight.to(dtype), bias, backend)  # (..., F) in dtype
+    return out
+
+
+def _named_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """never (named only: not yet measured faster than cuBLAS + the fused elementwise kernels on a GPU)."""
+    return False
+
+
 def _triton_limits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> str | None:
     if weight.shape[0] == 0:
         return f"the triton linear_gelu needs at least one output feature, got weight {tuple(weight.shape)}"
@@ -128,6 +192,11 @@ LINEAR_GELU = Op(
         Backend("triton", functools.partial(_linear_gelu_kernels, backend="triton"),
                 available=triton_available("linear_gelu"), supports=_triton_limits, devices=triton_devices(),
                 dtypes=FLOAT_DTYPES, auto_devices=("cuda",)),
+        # Triton GEMMs with the bias, GELU and GELU' fused in (kernels/linear_gelu_gemm.py): it moves fewer bytes
+        # but its GEMMs have not been timed against cuBLAS, so the priority list never picks it (auto_when)
+        Backend("triton-gemm", functools.partial(_linear_gelu_gemm, backend="triton-gemm"),
+                available=triton_available("linear_gelu_gemm"), devices=triton_devices(), dtypes=FLOAT_DTYPES,
+                auto_when=_named_only),
         Backend("reference", linear_gelu_reference),
     ],
     cases=LINEAR_GELU_CASES, benchmark=Case("vit-l-fc1", _case(50, 1024, 4096), grad=("x", "weight", "bias")),

@@ -108,6 +108,19 @@ def _case(num_patches: int, len_keep: int, ties: bool = False) -> Callable[..., 
     return make
 
 
+def _strategy_case(strategy: str, grid_size: tuple[int, int], len_keep: int) -> Callable[..., tuple]:
+    """``(noise (N, L), len_keep)`` of a masking strategy of ``fastmae.masking`` (ranks, kept first), drawn on the
+    CPU (seed 1, counter 0) so that every device gets the same noise."""
+
+    def make(device: torch.device, dtype: torch.dtype, batch: int) -> tuple:
+        from fastmae.masking import mask_noise_for  # it imports fastmae.ops
+
+        noise = mask_noise_for(strategy, batch, grid_size, len_keep, seed=1, counter=0, device="cpu")  # (N, L)
+        return noise.to(device=device, dtype=dtype), len_keep
+
+    return make
+
+
 def _min_bytes(noise: torch.Tensor, len_keep: int) -> int:
     """noise in; ids_keep, ids_restore and the mask out."""
     n, num_patches = noise.shape
@@ -116,7 +129,9 @@ def _min_bytes(noise: torch.Tensor, len_keep: int) -> int:
 
 RANDOM_MASKING_CASES = (Case("L196-K49", _case(196, 49), batch=3),
                         Case("L256-K64-ties", _case(256, 64, ties=True), batch=2),
-                        Case("L1024-K256", _case(1024, 256), batch=1), Case("L16-K0", _case(16, 0), batch=2))
+                        Case("L1024-K256", _case(1024, 256), batch=1), Case("L16-K0", _case(16, 0), batch=2),
+                        Case("L196-K49-block", _strategy_case("block", (14, 14), 49), batch=3),
+                        Case("L256-K64-grid", _strategy_case("grid", (16, 16), 64), batch=2))
 
 RANDOM_MASKING = Op(
     "random_masking",

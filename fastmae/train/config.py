@@ -12,8 +12,12 @@ import types
 import typing
 from dataclasses import dataclass
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("bf16", "fp16", "fp32", "fp8")  # fp8: float8 matmuls in the blocks' Linears (torchao), bf16 autocast
+PARAM_DTYPES = ("fp32", "bf16")  # bf16: Linear/Conv weights kept in bf16 with fp32 masters
+MICRO_BATCH_MODES = ("auto",)  # auto: split each batch into passes measured to fit the GPU
+FP8_RECIPES = ("tensorwise", "rowwise")  # torchao float8 scaling recipes (fastmae.train.fp8)
 PARALLEL_MODES = ("ddp", "fsdp")
+MASK_STRATEGIES = ("random", "block", "grid")  # fastmae.masking's; the paper's Figure 6
 
 
 class SettingError(ValueError):
@@ -84,7 +88,11 @@ class PretrainConfig:
     warmup_fraction: float = 0.05  # the paper: 40 of 800 epochs
     weight_decay: float = 0.05
     mask_ratio: float = 0.75
+    mask_strategy: str = "random"  # random, block (BEiT's) or grid (the paper's section 4.1): fastmae.masking
     norm_pix_loss: bool | None = None
+    decoder_depth: int | None = None  # None: the preset's (the paper's ablation, Table 1a)
+    decoder_embed_dim: int | None = None  # None: the preset's (Table 1b)
+    decoder_num_heads: int | None = None  # None: the preset's
     precision: str | None = None  # default: bf16 on CUDA, fp32 on CPU
     device: str | None = None  # default: cuda when available
     seed: int = 0
@@ -98,7 +106,11 @@ class PretrainConfig:
     bad_file_check: str = "header"  # header: header and tail of each file; decode: also decode each file
     parallel: str = "ddp"  # how several ranks (torchrun) share the work; one process ignores it
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | None = None  # None: only for fp8 on CUDA (fastmae.train.cuda_graph.choose_fast_path)
+    cuda_graph: bool | None = None  # the whole step in one CUDA graph; None: on for CUDA, one process, when it can be
+    param_dtype: str | None = None  # fp32 or bf16 (fp32 masters); None: fp32
+    fp8_recipe: str = "tensorwise"  # with precision fp8: torchao's scaling recipe
+    micro_batch: str | None = None  # auto: measured before training; None: each batch is one pass
     deterministic: bool = False  # deterministic algorithms, for bit-exact resume (fp32 recommended)
     clip_grad: float | None = None  # max global gradient norm; None: no clipping
     max_nonfinite: int = 10  # stop after this many consecutive steps with a non-finite loss or gradient
@@ -147,6 +159,11 @@ class PretrainConfig:
             raise bad("warmup_fraction", "in [0, 1]")
         if not 0.0 < self.mask_ratio < 1.0:
             raise bad("mask_ratio", "in (0, 1)")
+        if self.mask_strategy not in MASK_STRATEGIES:
+            raise bad("mask_strategy", f"one of {list(MASK_STRATEGIES)}")
+        for name in ("decoder_depth", "decoder_embed_dim", "decoder_num_heads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise bad(name, ">= 1 (or unset for the preset's)")
         if self.loader not in LOADERS:
             raise bad("loader", f"one of {list(LOADERS)}")
         if self.on_bad_file not in BAD_FILE_POLICIES:
@@ -155,12 +172,33 @@ class PretrainConfig:
             raise bad("max_skip_fraction", "in [0, 1)")
         if self.bad_file_check not in BAD_FILE_CHECKS:
             raise bad("bad_file_check", f"one of {list(BAD_FILE_CHECKS)}")
+        if self.param_dtype is not None and self.param_dtype not in PARAM_DTYPES:
+            raise bad("param_dtype", f"one of {list(PARAM_DTYPES)} (or unset)")
+        if self.micro_batch is not None and self.micro_batch not in MICRO_BATCH_MODES:
+            raise bad("micro_batch", f"one of {list(MICRO_BATCH_MODES)} (or unset: one pass per batch)")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise bad("fp8_recipe", f"one of {list(FP8_RECIPES)}")
 
     def _check_combinations(self) -> None:
         """Settings that are fine alone but not together: ``SettingError`` naming them."""
         if self.parallel == "fsdp" and self.precision == "fp16":
             raise SettingError("precision must be bf16 or fp32 with parallel fsdp (fp16's loss scaling is not "
                                "sharded), got fp16", ("precision", "parallel"))
+        if self.param_dtype == "bf16" and self.precision not in (None, "bf16"):
+            raise SettingError(f"param_dtype bf16 trains under bf16 autocast: it needs precision bf16, got "
+                               f"{self.precision}", ("param_dtype", "precision"))
+        if self.cuda_graph and self.precision == "fp16":
+            raise SettingError("cuda_graph cannot be used with precision fp16: its GradScaler decides skipped steps "
+                               "on the host", ("cuda_graph", "precision"))
+        if self.precision == "fp8":
+            from fastmae.train.fp8 import fp8_unavailable_reason
+
+            if self.parallel == "fsdp":
+                raise SettingError("precision fp8 is not supported with parallel fsdp (float8 all-gathers are not set "
+                                   "up); use parallel ddp", ("precision", "parallel"))
+            why = fp8_unavailable_reason(self.device)
+            if why is not None:
+                raise SettingError(f"precision fp8 cannot run here: {why}", ("precision",))
         patch = patch_size_of(self.model)
         if self.img_size % patch:
             raise SettingError(f"img_size must be a multiple of {patch}, the patch size of {self.model}, got "
@@ -172,6 +210,39 @@ class PretrainConfig:
                                f"{self.img_size} (patch size {patch}) and remove at least one, i.e. be in "
                                f"(0, {1 - 1 / num_patches:.4g}]; got {self.mask_ratio}, which keeps {len_keep}",
                                ("mask_ratio", "img_size"))
+        if self.mask_strategy == "grid":
+            from fastmae.masking import grid_strategy_problem
+
+            grid = self.img_size // patch
+            problem = grid_strategy_problem((grid, grid), len_keep)
+            if problem is not None:
+                raise SettingError(f"mask_strategy grid keeps the top-left patch of every 2x2 cell of the patch grid, "
+                                   f"so it needs mask_ratio 0.75 and an even grid (img_size a multiple of "
+                                   f"{2 * patch}): {problem} (mask_ratio {self.mask_ratio}, img_size "
+                                   f"{self.img_size})", ("mask_strategy", "mask_ratio", "img_size"))
+        self._check_decoder()
+
+    def _check_decoder(self) -> None:
+        """The decoder's width must be a multiple of its heads and of 4 (the sin-cos table), given or the preset's
+        (read from the preset built on the meta device)."""
+        overrides = {name: getattr(self, name) for name in ("decoder_depth", "decoder_embed_dim", "decoder_num_heads")}
+        if all(value is None for value in overrides.values()):
+            return
+        import torch
+
+        with torch.device("meta"):
+            preset = model_presets()[self.model]()
+        dim = overrides["decoder_embed_dim"] or preset.decoder_embed.out_features
+        heads = overrides["decoder_num_heads"] or preset.decoder_blocks[0].attn.num_heads
+        if dim % heads or dim % 4:
+            raise SettingError(f"decoder_embed_dim must be a multiple of decoder_num_heads and of 4, got "
+                               f"decoder_embed_dim {dim} and decoder_num_heads {heads} ({self.model}'s unless given)",
+                               ("decoder_embed_dim", "decoder_num_heads"))
+
+    def model_overrides(self) -> dict:
+        """The preset factory's keyword arguments that replace its decoder: the decoder settings given (not None)."""
+        return {name: getattr(self, name) for name in ("decoder_depth", "decoder_embed_dim", "decoder_num_heads")
+                if getattr(self, name) is not None}
 
     def _check_types(self) -> None:
         """Each value against its field's type (``int``, ``float``, ``bool``, ``str``, optionally ``None``), so that
@@ -193,10 +264,18 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainConfig:
-        """The config of ``values`` (a config file's keys); unknown keys raise ``ValueError``, wrongly typed values
-        ``TypeError``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        """The config of ``values`` (a config file's keys): ``config_from_dict``'s."""
+        return config_from_dict(cls, values)
+
+
+ConfigT = typing.TypeVar("ConfigT")
+
+
+def config_from_dict(cls: type[ConfigT], values: dict[str, typing.Any]) -> ConfigT:
+    """The config dataclass ``cls`` of ``values`` (a config file's keys); unknown keys raise ``ValueError``, wrongly
+    typed values ``TypeError`` (from the class's own check)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+    return cls(**values)

@@ -3,7 +3,8 @@ checkpointing, ``torch.compile``.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 or ``--parallel fsdp``) each process trains on ``cuda:LOCAL_RANK`` with
 NCCL, or on the CPU with gloo. DDP runs without ``find_unused_parameters`` (MAE uses every parameter in every
-step). FSDP2 shards every encoder and decoder block and then the rest of the model (``fully_shard``), parameters
+step). FSDP2 shards every block (an MAE's encoder and decoder blocks, a ViT classifier's blocks, frozen ones
+included) and then the rest of the model (``fully_shard``), parameters
 in the autocast dtype and gradients reduced in fp32 (``MixedPrecisionPolicy``); the root keeps its inputs'
 dtypes so the masking noise stays fp32.
 """
@@ -79,8 +80,9 @@ def all_ranks_agree(ok: bool, ranks: Ranks) -> bool:
     return bool(flag.item())
 
 
-def _blocks(model: MaskedAutoencoderViT) -> list[nn.Module]:
-    return [*model.blocks, *model.decoder_blocks]
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: an MAE's encoder and decoder blocks, or a ViT classifier's ``blocks``."""
+    return [*model.blocks, *getattr(model, "decoder_blocks", ())]
 
 
 def add_activation_checkpointing(model: MaskedAutoencoderViT) -> None:
@@ -89,7 +91,7 @@ def add_activation_checkpointing(model: MaskedAutoencoderViT) -> None:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def wrap_model(model: MaskedAutoencoderViT, ranks: Ranks, parallel: str, param_dtype: torch.dtype,
+def wrap_model(model: nn.Module, ranks: Ranks, parallel: str, param_dtype: torch.dtype,
                compile_model: bool) -> nn.Module:
     """The module to train. ``model`` itself stays usable for state dicts (FSDP shards it in place)."""
     if parallel == "fsdp" and ranks.distributed:

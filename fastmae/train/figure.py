@@ -92,11 +92,12 @@ def caption(mask_ratio: float, norm_pix_loss: bool, step: int | None = None, hel
 def save_reconstruction_figure(model: MaskedAutoencoderViT, imgs: torch.Tensor, path: str | os.PathLike,
                                mask_ratio: float = 0.75, title: str = "", step: int | None = None,
                                heldout: bool | None = None, noise: torch.Tensor | None = None,
-                               labels: list[str] | None = None) -> tuple[float, float]:
+                               labels: list[str] | None = None, note: str = "") -> tuple[float, float]:
     """Write the four-panel figure for ``imgs`` to ``path`` (PNG), a caption under the panels; each row is
     labelled (``labels``) with its masked-patch loss and the flat-patch baseline's. ``step`` and ``heldout``
-    (whether the images are held out) go into the caption; ``noise (N, L)`` fixes the masks. Returns the mean
-    masked-patch loss over the rows and the baseline's."""
+    (whether the images are held out) go into the caption, and ``note``, a last line; ``noise (N, L)`` fixes
+    the masks. The PNG's ``Title`` and ``Description`` text entries hold the title and the caption. Returns the
+    mean masked-patch loss over the rows and the baseline's."""
     if noise is None:
         noise = torch.rand(imgs.shape[0], model.patch_embed.num_patches, generator=torch.Generator().manual_seed(0))
     panels = reconstruct(model, imgs, mask_ratio, noise=noise)
@@ -107,9 +108,13 @@ def save_reconstruction_figure(model: MaskedAutoencoderViT, imgs: torch.Tensor, 
              f"{errors.mean():.3f}, the flat-patch baseline "
              f"({'each patch its own mean colour' if model.norm_pix_loss else 'each image its mean colour'}) "
              f"{baselines.mean():.3f}.")
+    if note:
+        text += "\n" + note
     caption_height = 0.2 * (text.count("\n") + 1) + 0.2
     size = 1.9
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.5 + caption_height), squeeze=False)
+    row_height = size + 0.25  # a square image, and room for the row's MSE line under it
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, row_height * rows + 0.5 + caption_height),
+                             squeeze=False)
     for c, (name, batch) in enumerate(panels.items()):
         for r in range(rows):
             ax = axes[r][c]
@@ -128,7 +133,7 @@ def save_reconstruction_figure(model: MaskedAutoencoderViT, imgs: torch.Tensor, 
     top = 1 - (0.3 / fig.get_figheight() if title else 0)  # room for the title above the column names
     fig.tight_layout(rect=(0, caption_height / fig.get_figheight(), 1, top))
     tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=100, metadata={"Title": title, "Description": text})
     plt.close(fig)
     os.replace(tmp, path)
     return float(errors.mean()), float(baselines.mean())

@@ -15,6 +15,12 @@ the CLI exits with 3). A run whose newest checkpoint is already at its last step
 (``status == "already complete"``). Settings that cannot work raise ``SettingError`` before the output folder is
 touched (the CLI exits with 2).
 
+The step runs eagerly, or compiled with the whole step captured in one CUDA graph (``fastmae.train.cuda_graph``:
+the default on CUDA for one process; the run prints which and why); ``micro_batch auto`` runs each batch in passes
+measured to fit the GPU (``fastmae.train.memory``); ``precision fp8`` runs the blocks' Linears in float8
+(``fastmae.train.fp8``). Running out of device memory in training stops with a ``SettingError`` that names the batch
+and what to change (exit 2), not a traceback.
+
 ``pretrain()`` builds a ``Trainer`` (data, model, optimiser, loss scaler, non-finite guard) and runs its ``fit``;
 ``TrainHooks`` (``fastmae.train.hooks``) are the points where tests inject faults.
 """
@@ -27,6 +33,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,16 +49,22 @@ from fastmae.model import MaskedAutoencoderViT
 from fastmae.train.checkpoint import (list_checkpoints, load_latest_checkpoint, prune_checkpoints, save_checkpoint,
                                       write_atomic)
 from fastmae.train.config import PretrainConfig, SettingError, model_presets
+from fastmae.train.cuda_graph import (CAPTURABLE_ADAMW, PAPER_BETAS, GraphedStep, capturable_adamw,
+                                      choose_fast_path, nonfinite_flag, update)
 from fastmae.train.distributed import (Ranks, add_activation_checkpointing, barrier, close_ranks, gradient_sync,
                                        init_ranks, wrap_model)
 from fastmae.train.faults import fault_hooks
 from fastmae.train.figure import save_reconstruction_figure
+from fastmae.train.fp8 import convert_to_fp8
 from fastmae.train.heldout import HeldOut
 from fastmae.train.hooks import TrainHooks
 from fastmae.train.loss_plot import save_loss_plot
 from fastmae.train.masks import mask_noise
-from fastmae.train.nonfinite import NonFiniteError, NonFiniteGuard, optimizer_step, skip_syncs_host
-from fastmae.train.optim import (adapt_optimizer_state, build_optimizer, choose_optimizer, lr_at,
+from fastmae.train.master_weights import MasterWeights
+from fastmae.train.memory import (MemoryPlan, adamw_state_bytes, agree_micro_batch, measure_pass_peak,
+                                  out_of_memory_message, plan_micro_batch, recorded_micro_batch, usable_memory)
+from fastmae.train.nonfinite import NonFiniteError, NonFiniteGuard, skip_syncs_host
+from fastmae.train.optim import (adapt_optimizer_state, build_optimizer, choose_optimizer, lr_at, param_groups,
                                  saved_by_other_adamw)
 from fastmae.train.preemption import PreemptionWatch
 from fastmae.train.run_log import RunLog
@@ -86,14 +99,15 @@ class PretrainSummary:
 
 
 DEMO_CROPS_PER_PHOTO = 64  # training crops of each demo photo (fastmae.data.demo)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the config's precisions
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,  # the config's precisions ->
+          "fp8": torch.bfloat16}  # their autocast dtype (fp8: float8 Linears, bf16 autocast for the rest)
 
 
 def _write_json_atomic(path: Path, obj: object) -> None:
     write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def _total_norm(params: list[nn.Parameter]) -> torch.Tensor:
+def total_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     """The global gradient norm, a device scalar (under FSDP the shards' norms are combined across ranks)."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -125,6 +139,13 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, hooks: TrainHooks | Non
         close_ranks(ranks)
         watch.close()  # after the last collective: a signal until then still stops the run cleanly
         torch.use_deterministic_algorithms(deterministic)
+
+
+def new_model(cfg: PretrainConfig) -> MaskedAutoencoderViT:
+    """A freshly initialised ``cfg.model`` for ``cfg.img_size`` and ``cfg.norm_pix_loss``, with the decoder settings
+    given in ``cfg`` in place of the preset's (on the CPU; the current RNG state gives the weights)."""
+    return model_presets()[cfg.model](img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss,
+                                      **cfg.model_overrides())
 
 
 def check_run(cfg: PretrainConfig) -> None:
@@ -176,6 +197,8 @@ class Trainer:
         self.precision = cfg.precision or ("bf16" if self.device.type == "cuda" else "fp32")
         self.param_dtype = DTYPES[self.precision]
         self.fsdp = cfg.parallel == "fsdp" and ranks.distributed  # fsdp with fp16 is refused by PretrainConfig
+        self.fast = choose_fast_path(cfg, self.device, ranks.world_size, self.precision,
+                                     type(hooks).on_loss is not TrainHooks.on_loss)
         self.step = 0
         self.heldout_loss = self.heldout_baseline = float("nan")  # the last scored, NaN before
         self._build_data()
@@ -229,26 +252,62 @@ class Trainer:
         return self.cfg.loader
 
     def _build_model(self) -> None:
-        """The model, and ``train_model``: it wrapped for DDP / FSDP, maybe compiled."""
+        """The model (float8 Linears with precision fp8, bf16 parameters with param_dtype bf16), the passes of a
+        batch (``micro_batch``), and ``train_model``: the model wrapped for DDP / FSDP, maybe compiled."""
         cfg = self.cfg
-        self.model = model_presets()[cfg.model](img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss).to(self.device)
+        self.model = new_model(cfg).to(self.device)
         self.num_patches = self.model.patch_embed.num_patches
         self.len_keep = int(self.num_patches * (1 - cfg.mask_ratio))
         self.heldout = (HeldOut(self.heldout_files, cfg.img_size, self.num_patches, cfg.mask_ratio, self.device,
                                 self.param_dtype if self.fsdp else torch.float32)
                         if self.heldout_files else None)
+        if self.precision == "fp8":
+            convert_to_fp8(self.model, cfg.fp8_recipe)
+        self.masters = MasterWeights(self.model) if self.fast.param_dtype == "bf16" else None
         if cfg.activation_checkpointing:
             add_activation_checkpointing(self.model)
-        self.train_model = wrap_model(self.model, self.ranks, cfg.parallel, self.param_dtype, cfg.compile)
+        self.amp = torch.autocast(self.device.type, dtype=self.param_dtype, enabled=self.precision != "fp32",
+                                  cache_enabled=False if self.fast.cuda_graph else None)  # no cast cache in a graph
+        self.memory_plan = self._plan_memory() if cfg.micro_batch == "auto" else None
+        self.micro_batch = self.memory_plan.micro_batch if self.memory_plan is not None else cfg.batch_size
+        self.passes = cfg.batch_size // self.micro_batch  # forward/backward passes per batch
+        self.train_model = wrap_model(self.model, self.ranks, cfg.parallel, self.param_dtype, self.fast.compile)
+
+    def _plan_memory(self) -> MemoryPlan:
+        """``micro_batch auto``: the passes each batch is split into, measured on the device before compiling
+        (``fastmae.train.memory``); a resumed run keeps its recorded choice while it fits."""
+        cfg = self.cfg
+        if self.fsdp:
+            raise SettingError("micro_batch auto measures the unsharded model: it cannot plan for parallel fsdp; "
+                               "unset micro_batch or use parallel ddp", ("micro_batch", "parallel"))
+        usable = usable_memory(self.device)
+        if usable is None:
+            raise SettingError(f"micro_batch auto measures GPU memory: it needs a CUDA device, the device is "
+                               f"{self.device.type}", ("micro_batch",))
+        keep = recorded_micro_batch(self.out, cfg.batch_size) if list_checkpoints(self.checkpoints) else None
+        peak_of = functools.partial(measure_pass_peak, self.model, self.amp, cfg.img_size, cfg.mask_ratio, self.device)
+        plan, error = None, None
+        try:
+            plan = plan_micro_batch(cfg.batch_size, usable, peak_of, adamw_state_bytes(self.model), keep)
+        except SettingError as exc:
+            error = exc
+        return agree_micro_batch(plan, error, self.ranks)
 
     def _build_optimizer(self) -> None:
-        """AdamW, the fp16 loss scaler (disabled otherwise), the non-finite guard and the autocast context."""
+        """AdamW (fused and capturable for a CUDA graph; over the fp32 masters with bf16 parameters), the fp16 loss
+        scaler (disabled otherwise), the non-finite guard, and with a CUDA graph the ``graphed`` step."""
         cfg = self.cfg
-        self.optimizer = build_optimizer(self.model, lr=self.base_lr, weight_decay=cfg.weight_decay)
+        groups = self.masters.param_groups(cfg.weight_decay) if self.masters is not None else None
+        self.graphed = None
+        if self.fast.cuda_graph:  # the learning rate is a device tensor the captured step reads
+            self.optimizer, lr = capturable_adamw(groups or param_groups(self.model, cfg.weight_decay), self.base_lr,
+                                                  PAPER_BETAS, self.device)
+            self.graphed = GraphedStep(self._graph_body, lr, self._zero_grads, self.device)
+        else:
+            self.optimizer = build_optimizer(self.model, lr=self.base_lr, weight_decay=cfg.weight_decay, groups=groups)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.guard = NonFiniteGuard(self.ranks, cfg.max_nonfinite)
-        self.amp = torch.autocast(self.device.type, dtype=self.param_dtype, enabled=self.precision != "fp32")
 
     def resume(self) -> Path | None:
         """Load the newest loadable checkpoint of the output folder into the run (``step`` included); its path,
@@ -274,37 +333,77 @@ class Trainer:
         self.guard.skipped.fill_(state["skipped_steps"])
 
     def train_step(self) -> StepResult:
-        """One optimiser step: ``cfg.accum`` forward/backward passes, clipping, the non-finite check, the update
-        (skipped when the check fails); ``step`` goes up by one."""
-        cfg, ranks, step = self.cfg, self.ranks, self.step + 1  # step: the number of the step being made
+        """One optimiser step: ``cfg.accum`` batches, each in ``passes`` forward/backward passes, clipping, the
+        non-finite check, the update (skipped when the check fails); ``step`` goes up by one. Eagerly, or replayed
+        from one CUDA graph (``graphed``; captured at the first call, ``fastmae.train.cuda_graph``). What it returns
+        is on the device, unsynced: a benchmark can time a built ``Trainer``'s calls of this method."""
+        cfg, step = self.cfg, self.step + 1  # step: the number of the step being made
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.min_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.hooks.before_step(step)
-        step_loss = torch.zeros((), device=self.device)
+        if self.graphed is not None:  # the graph skipped the update on the test the guard makes here
+            step_loss, grad_norm, _ = self.graphed(self._batches(), lr)
+            skipped = self.guard.check(step, step_loss, grad_norm)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            step_loss, grad_norm = self._passes(self._batches(), step)
+            # fp16: inf/NaN gradients are the loss scaler's business; only a non-finite loss counts as bad
+            skipped = self.guard.check(step, step_loss, None if self.scaler.is_enabled() else grad_norm)
+            update(self.optimizer, self.scaler, skipped, self.masters)
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step = step
+        return StepResult(step_loss, skipped, grad_norm, lr)
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The step's ``cfg.accum`` batches, read one at a time, each with its masking noise."""
+        cfg, ranks = self.cfg, self.ranks
         for micro in range(cfg.accum):
             imgs = next(self.loader)  # (B, 3, S, S)
-            noise = mask_noise(cfg.seed, self.step * cfg.accum + micro, imgs.shape[0], self.num_patches,
-                               self.len_keep, ranks.rank, ranks.world_size, self.device)  # (B, L)
-            with gradient_sync(self.train_model, micro == cfg.accum - 1):
-                with self.amp:
-                    loss, _, _ = self.train_model(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
-                loss = self.hooks.on_loss(loss, step)
-                self.scaler.scale(loss / cfg.accum).backward()
-            step_loss += loss.detach().float() / cfg.accum
+            noise = mask_noise(cfg.seed, self.step * cfg.accum + micro, imgs.shape[0],
+                               self.model.patch_embed.grid_size, self.len_keep, ranks.rank, ranks.world_size,
+                               self.device, cfg.mask_strategy)  # (B, L)
+            yield imgs, noise
+
+    def _passes(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of every pass of ``batches`` (``imgs (B, 3, S, S)``, ``noise (B, L)``; each batch in
+        ``passes`` row slices of ``micro_batch``), then the gradient norm and clipping: the step's mean loss and the
+        norm (None when neither needed: fp16 without clipping)."""
+        cfg = self.cfg
+        passes = cfg.accum * self.passes
+        step_loss = torch.zeros((), device=self.device)
+        for micro, (imgs, noise) in enumerate(batches):
+            slices = zip(imgs.split(self.micro_batch), noise.split(self.micro_batch))  # (b, 3, S, S), (b, L)
+            for part, (part_imgs, part_noise) in enumerate(slices):
+                with gradient_sync(self.train_model, micro == cfg.accum - 1 and part == self.passes - 1):
+                    with self.amp:
+                        loss, _, _ = self.train_model(part_imgs, mask_ratio=cfg.mask_ratio, noise=part_noise)
+                    loss = self.hooks.on_loss(loss, step)
+                    self.scaler.scale(loss / passes).backward()
+                step_loss += loss.detach().float() / passes
         grad_norm = None
         if self.scaler.is_enabled() and cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
         if not self.scaler.is_enabled() or cfg.clip_grad is not None:
-            grad_norm = _total_norm(self.params)
+            grad_norm = total_grad_norm(self.params)
             if cfg.clip_grad is not None:
                 torch.nn.utils.clip_grads_with_norm_(self.params, cfg.clip_grad, grad_norm, foreach=True)
-        # fp16: inf/NaN gradients are the loss scaler's business; only a non-finite loss counts as bad
-        skipped = self.guard.check(step, step_loss, None if self.scaler.is_enabled() else grad_norm)
-        optimizer_step(self.optimizer, self.scaler, skipped)
+        return step_loss, grad_norm
+
+    def _graph_body(self, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                    no_update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step ``graphed`` captures (one process, no loss scaler): the passes, the non-finite test, the update
+        skipped on the device when it fails or ``no_update`` is set, gradients cleared; the loss, the norm and the
+        skip flag."""
+        loss, grad_norm = self._passes(batches, self.step + 1)
+        skip = nonfinite_flag(loss, grad_norm) | no_update
+        update(self.optimizer, self.scaler, skip, self.masters)
         self.optimizer.zero_grad(set_to_none=True)
-        self.step = step
-        return StepResult(step_loss, skipped, grad_norm, lr)
+        return loss, grad_norm, skip
+
+    def _zero_grads(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def save(self) -> None:
         """Checkpoint the current step (collective): one file from rank 0, or every rank's shards under FSDP."""
@@ -337,7 +436,11 @@ class Trainer:
         self.model.train()
         try:
             while self.step < self.total_steps:
-                result = self.train_step()
+                try:
+                    result = self.train_step()
+                except torch.OutOfMemoryError as exc:
+                    raise SettingError(out_of_memory_message(cfg.batch_size, self.passes, self.device),
+                                       ("batch_size", "micro_batch", "accum")) from exc
                 log.add_step(result.loss, result.skipped)
                 preempted = watch.agreed()
                 last = self.step == self.total_steps
@@ -365,7 +468,8 @@ class Trainer:
             log.close()
         outputs = ["config.json", "metrics.jsonl", "tensorboard/", "checkpoints/", "loss.png"]
         if status == "complete":
-            _save_figure(cfg, self.model, ranks, self.fsdp, self.loader.files, self.heldout, self.step, self.out)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.masters is not None):
+                _save_figure(cfg, self.model, ranks, self.fsdp, self.loader.files, self.heldout, self.step, self.out)
             outputs.append("reconstruction.png")
         return PretrainSummary(self.step, log.first_loss, log.final_loss, log.img_per_s, self.out, status,
                                self.guard.skipped_total(), self.heldout_loss, self.heldout_baseline, tuple(outputs))
@@ -396,7 +500,9 @@ class Trainer:
         _write_json_atomic(self.out / "config.json", {
             **dataclasses.asdict(self.cfg), "data": str(self.data_root), "device": str(self.device),
             "precision": self.precision, "world_size": self.ranks.world_size,
-            "effective_batch_size": self.images_per_step, "total_steps": self.total_steps, "lr": self.base_lr})
+            "effective_batch_size": self.images_per_step, "total_steps": self.total_steps, "lr": self.base_lr,
+            "compile": self.fast.compile, "cuda_graph": self.fast.cuda_graph, "param_dtype": self.fast.param_dtype,
+            "micro_batch_size": self.micro_batch})
 
     def _announce(self, resumed: Path | None) -> None:
         """Rank 0 prints the data, the setup and where the run resumes."""
@@ -404,12 +510,15 @@ class Trainer:
             return
         ranks = self.ranks
         print(f"fastmae pretrain: data: {self.loader.describe()}", flush=True)
-        choice = choose_optimizer(self.device)
+        choice = CAPTURABLE_ADAMW if self.graphed is not None else choose_optimizer(self.device)
         sync_note = (f"; host sync per step for the non-finite check with {choice.name}"
                      if skip_syncs_host(self.optimizer, self.scaler) else "")
         print(f"fastmae pretrain: {ranks.world_size} rank(s) "
               f"({self.cfg.parallel if ranks.distributed else 'one process'}) on {self.device.type}, "
               f"{self.precision}, optimizer {choice}{sync_note}", flush=True)
+        print(f"fastmae pretrain: {self.fast.describe()}", flush=True)
+        if self.memory_plan is not None:
+            print(f"fastmae pretrain: {self.memory_plan.describe()}", flush=True)
         if resumed is not None:
             print(f"fastmae pretrain: resuming from {resumed} (step {self.step})", flush=True)
 
@@ -437,7 +546,7 @@ def _save_figure(cfg: PretrainConfig, model: MaskedAutoencoderViT, ranks: Ranks,
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not ranks.is_main:
             return
-        model = model_presets()[cfg.model](img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss)
+        model = new_model(cfg)
         model.load_state_dict(full)
         model.to(ranks.device)
     elif not ranks.is_main:

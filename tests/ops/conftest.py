@@ -33,6 +33,11 @@ def backend(request: pytest.FixtureRequest) -> str:
 def without_interpreter(monkeypatch: pytest.MonkeyPatch) -> Callable[[Backend], Backend]:
     """``triton -> the same backend as its op module defines it where TRITON_INTERPRET is unset``: the module
     reads the variable once, at import (``triton_devices()``), so the tests rebuild the backend with those
-    devices to see what a machine without the interpreter refuses."""
+    devices to see what a machine without the interpreter refuses. Every kernel module is imported first: one
+    first imported (by an availability check) while the variable is unset would hold compiled, not
+    interpreted, kernels for the rest of the session."""
+    from fastmae.kernels.aot import all_kernels
+
+    all_kernels()  # imports every fastmae.kernels module
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     return lambda b: dataclasses.replace(b, devices=triton_devices())

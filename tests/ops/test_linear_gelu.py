@@ -232,7 +232,7 @@ def test_bias_gelu_op_opcheck_and_determinism(backend: str, dtype: torch.dtype, 
 
 @pytest.mark.parametrize("backend", KERNELS, indirect=True)
 def test_supports_refuses(backend: str, without_interpreter: object) -> None:
-    assert [b.name for b in OP.backends] == ["torch", "triton", "reference"]
+    assert [b.name for b in OP.backends] == ["torch", "triton", "triton-gemm", "reference"]
     rules = OP.backend(backend)
     args = _inputs((2, 7, 24), 96)
     assert rules.why_not(args, OP.arg_names) is None
