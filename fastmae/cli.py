@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import platform
-import signal
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ else:  # pragma: no cover
 
 from fastmae.train.config import (DEMO_DEFAULTS, FP8_RECIPES, MASK_STRATEGIES, MICRO_BATCH_MODES, PAPER_DEFAULTS,
                                   PARALLEL_MODES, PARAM_DTYPES, PRECISIONS, PretrainConfig, SettingError)
-from fastmae.train.exit_codes import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_PREEMPTED
+from fastmae.train.exit_codes import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_PREEMPTED, let_other_ranks_exit
 
 
 PRETRAIN_HELP = {
@@ -152,12 +151,6 @@ def build_parser(with_bench_flags: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _ignore_sigterm() -> None:
-    """Every rank has stopped at the same step (and saved, if preempted); torchrun sends SIGTERM to the other
-    workers as soon as one exits non-zero: let them exit with their own code."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from fastmae.data.bad_files import BadImageError
     from fastmae.train.checkpoint import NoLoadableCheckpointError
@@ -189,10 +182,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return EXIT_BAD_SETTING
     except NonFiniteError as exc:
         print(f"fastmae pretrain (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
-        _ignore_sigterm()
+        let_other_ranks_exit()
         return EXIT_NONFINITE
     if summary.status == "preempted":
-        _ignore_sigterm()
+        let_other_ranks_exit()
         return EXIT_PREEMPTED
     if summary.status == "already complete":  # pretrain() said so; nothing was changed
         return 0

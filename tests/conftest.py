@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,15 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined: @triton.jit reads it
     if importlib.util.find_spec("triton") is not None:
         _fix_interpreter_scalar_index()
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_handler_restored() -> Iterator[None]:
+    """Each test leaves SIGTERM's handler as it found it: an ignored SIGTERM is inherited by every process started
+    later (a multiprocessing pool's workers then survive ``terminate()``, and the suite hangs)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
 
 
 @pytest.fixture

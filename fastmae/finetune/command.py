@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
 import sys
 
 from fastmae.finetune.config import (CLASSIFIER_PRECISIONS, DEFAULT_MODEL, FINETUNE_BY_SIZE, FINETUNE_COMMON,
                                      LINPROBE_BY_SIZE, LINPROBE_COMMON, ClassifierConfig, EvalConfig, FinetuneConfig,
                                      LinprobeConfig)
 from fastmae.train.config import PARALLEL_MODES, SettingError
-from fastmae.train.exit_codes import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_PREEMPTED
+from fastmae.train.exit_codes import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_PREEMPTED, let_other_ranks_exit
 
 COMMANDS = ("finetune", "linprobe", "eval")
 
@@ -210,10 +209,10 @@ def _run_training(cfg: ClassifierConfig, name: str, progress: bool) -> int:
         return EXIT_BAD_SETTING
     except NonFiniteError as exc:
         print(f"{name} (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as fastmae pretrain: let the other ranks exit on their own
+        let_other_ranks_exit()
         return EXIT_NONFINITE
     if summary.status == "preempted":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        let_other_ranks_exit()
         return EXIT_PREEMPTED
     if summary.status == "already complete":
         return 0
