@@ -21,7 +21,7 @@ else:  # pragma: no cover
 
 from fastmae.train.config import (DEMO_DEFAULTS, FP8_RECIPES, MASK_STRATEGIES, MICRO_BATCH_MODES, PAPER_DEFAULTS,
                                   PARALLEL_MODES, PARAM_DTYPES, PRECISIONS, PretrainConfig, SettingError)
-from fastmae.train.exit_codes import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_PREEMPTED, let_other_ranks_exit
+from fastmae.train.exit_codes import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_PREEMPTED, run_command
 
 
 PRETRAIN_HELP = {
@@ -152,9 +152,6 @@ def build_parser(with_bench_flags: bool = True) -> argparse.ArgumentParser:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from fastmae.data.bad_files import BadImageError
-    from fastmae.train.checkpoint import NoLoadableCheckpointError
-    from fastmae.train.nonfinite import NonFiniteError
     from fastmae.train.pretrain import pretrain
 
     values = _read_config_file(args.config) if args.config else {}
@@ -172,23 +169,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:  # a config file's unknown key or wrongly typed value
         print(f"fastmae pretrain: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTING
-    try:
-        summary = pretrain(cfg, progress=not args.no_progress)
-    except SettingError as exc:  # raised before anything is written
-        print(f"fastmae pretrain: {exc.with_flags()}", file=sys.stderr)
-        return EXIT_BAD_SETTING
-    except (BadImageError, NoLoadableCheckpointError) as exc:  # a bad image, too many skipped, damaged checkpoints
-        print(f"fastmae pretrain: {exc}", file=sys.stderr)
-        return EXIT_BAD_SETTING
-    except NonFiniteError as exc:
-        print(f"fastmae pretrain (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
-        let_other_ranks_exit()
-        return EXIT_NONFINITE
-    if summary.status == "preempted":
-        let_other_ranks_exit()
-        return EXIT_PREEMPTED
-    if summary.status == "already complete":  # pretrain() said so; nothing was changed
-        return 0
+    code, summary = run_command("fastmae pretrain", lambda: pretrain(cfg, progress=not args.no_progress))
+    if code != 0 or summary.status == "already complete":  # pretrain() said so; nothing was changed
+        return code
     if os.environ.get("RANK", "0") == "0":
         print(f"fastmae pretrain: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
               f"{summary.img_per_s:.0f} img/s, {summary.skipped_steps} non-finite steps skipped"

@@ -16,7 +16,7 @@ from fastmae.finetune.config import (CLASSIFIER_PRECISIONS, DEFAULT_MODEL, FINET
                                      LINPROBE_BY_SIZE, LINPROBE_COMMON, ClassifierConfig, EvalConfig, FinetuneConfig,
                                      LinprobeConfig)
 from fastmae.train.config import PARALLEL_MODES, SettingError
-from fastmae.train.exit_codes import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_PREEMPTED, let_other_ranks_exit
+from fastmae.train.exit_codes import EXIT_BAD_SETTING, EXIT_NONFINITE, EXIT_PREEMPTED, run_command
 
 COMMANDS = ("finetune", "linprobe", "eval")
 
@@ -194,28 +194,11 @@ def _run_eval(cfg: EvalConfig, name: str) -> int:
 
 
 def _run_training(cfg: ClassifierConfig, name: str, progress: bool) -> int:
-    from fastmae.data.bad_files import BadImageError
     from fastmae.finetune.trainer import train_classifier
-    from fastmae.train.checkpoint import NoLoadableCheckpointError
-    from fastmae.train.nonfinite import NonFiniteError
 
-    try:
-        summary = train_classifier(cfg, progress=progress)
-    except SettingError as exc:
-        print(f"{name}: {exc.with_flags()}", file=sys.stderr)
-        return EXIT_BAD_SETTING
-    except (BadImageError, NoLoadableCheckpointError) as exc:
-        print(f"{name}: {exc}", file=sys.stderr)
-        return EXIT_BAD_SETTING
-    except NonFiniteError as exc:
-        print(f"{name} (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
-        let_other_ranks_exit()
-        return EXIT_NONFINITE
-    if summary.status == "preempted":
-        let_other_ranks_exit()
-        return EXIT_PREEMPTED
-    if summary.status == "already complete":
-        return 0
+    code, summary = run_command(name, lambda: train_classifier(cfg, progress=progress))
+    if code != 0 or summary.status == "already complete":
+        return code
     if os.environ.get("RANK", "0") == "0":
         print(f"{name}: {summary.steps} steps, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}, "
               f"{summary.img_per_s:.0f} img/s, {summary.skipped_steps} non-finite steps skipped"
