@@ -3,11 +3,14 @@
 #
 # STEPS picks single steps from: build info gpu_tests profile ops_bench attention_tune attention_bench e2e aot
 # (default: all but attention_tune and aot; aot needs no GPU: `python -m fastmae.kernels.aot` runs anywhere), or
-# one of two step sets, each ending within its own budget (FASTMAE_CHECK_SECONDS overrides it):
+# one of the step sets, each ending within its own budget (FASTMAE_CHECK_SECONDS overrides it):
 #   perf   (issue 14, 470 s): the end-to-end table, ViT-B/L/H x {fastmae's best variants, official, hf, modern,
 #          modern-cudagraph} at batch 256 (+512 for L and H), kernels per step in each row, the attention
 #          microbenchmark, plots, the README table (written to OUT_DIR, never to README.md itself);
 #   perf_compile (590 s): the compiled rows perf leaves out (below);
+#   finetune (issue 17, 470 s): `fastmae bench --task finetune`, fine-tuning steps of ViT-B/16 and ViT-L/16 at 224 px,
+#          batch 128, fastmae's ViT against timm's ViT (SDPA), eager and compiled: the eager rows (~60 s), then the
+#          compiled rows of ViT-L (~2 x 80 s of compilation) and ViT-B (~2 x 50 s), the report;
 #   large  (issue 16, 290 s): a 5,000-JPEG ImageNet-like set, DALI vs torch loader img/s, DALI's position restore
 #          on the GPU, loader-fed pretraining of ViT-L and ViT-H against the bench rows of the same step,
 #          torchrun DDP and FSDP (NCCL, one process) against one process, SIGTERM -> exit 75 -> resume, NaN ->
@@ -70,6 +73,7 @@ mkdir -p "$out"
 case " $steps " in
   *" perf "*) set_budget=470 ;;
   *" perf_compile "*) set_budget=590 ;;  # one call's 600 s
+  *" finetune "*) set_budget=470 ;;
   *" large "*) set_budget=290 ;;
   *) set_budget=470 ;;  # the default steps: end within 8 minutes with the summary
 esac
@@ -126,7 +130,7 @@ if [ "$smoke" = 1 ]; then
   export MODELS_256=mae_vit_tiny_patch16 MODELS_LH=mae_vit_tiny_patch16 B1=8 B2=16 IMG=64 STEPS=2 WARMUP=1
   export JPEGS=48 LOADER_BATCH=8 LOADER_IMG=64 LOADER_BATCHES=3 LOADER_WARMUP_S=0.5 WORKERS=2
   export TRAIN_IMG=32 TRAIN_BATCH=8 STEPS_L=6 STEPS_H=6 LOG_L=2 LOG_H=2 PAR_BATCH=8 PAR_STEPS=3 SMALL_BATCH=8
-  export RESUME_STEPS=12 KILL_AT=4
+  export RESUME_STEPS=12 KILL_AT=4 FT_B=vit_tiny_patch16 FT_L=vit_tiny_patch16 FT_MODELS=vit_tiny_patch16 FT_BATCH=8
   export MIN_RATIO=0 RESULTS="$out/results" SCRATCH="$out/scratch" LOADER=torch
   export HOST_SKIP="--host-skip-ok"  # a CPU trains with torch's foreach AdamW, which skips on the host
 else
@@ -135,6 +139,7 @@ else
   export JPEGS=5000 LOADER_BATCH=256 LOADER_IMG=224 LOADER_BATCHES=60 LOADER_WARMUP_S=3 WORKERS=15
   export TRAIN_IMG=224 TRAIN_BATCH=256 STEPS_L=200 STEPS_H=100 LOG_L=20 LOG_H=10 PAR_BATCH=32 PAR_STEPS=5
   export SMALL_BATCH=32 RESUME_STEPS=60 KILL_AT=10 MIN_RATIO=0.8 RESULTS=bench/results HOST_SKIP=""
+  export FT_B=vit_base_patch16 FT_L=vit_large_patch16 FT_MODELS=vit_large_patch16,vit_base_patch16 FT_BATCH=128
   export LOADER=auto  # DALI when installed
   # checkpoints of ViT-H are ~7.6 GB: write them to memory where there is a /dev/shm, and delete them after
   if [ -w /dev/shm ]; then export SCRATCH=/dev/shm/fastmae-check; else export SCRATCH="$out/scratch"; fi
@@ -324,6 +329,20 @@ run_perf_compile() {  # the compiled rows the perf set leaves out (the header): 
   step compile_report 20 bash -c perf_report
 }
 
+run_finetune() {  # issue 17: fine-tuning rows, fastmae's ViT against timm's (SDPA), eager then compiled
+  local common=(--task finetune --steps "$STEPS" --warmup "$WARMUP" --img-size "$IMG" --device "$DEV"
+                --results-dir "$RESULTS")
+  step finetune_install 120 bash -c ensure_installed
+  step finetune_eager 90 $FASTMAE bench --models "$FT_MODELS" --batch-size "$FT_BATCH" --impls timm,fastmae-finetune \
+    --max-seconds 70 "${common[@]}"
+  # the baseline the issue names first: timm's ViT compiled; --max-seconds: no row starts unless its compilation fits
+  step finetune_compile_L 200 $FASTMAE bench --models "$FT_L" --batch-size "$FT_BATCH" \
+    --impls timm-compile,fastmae-finetune-compile --max-seconds 110 "${common[@]}"
+  step finetune_compile_B 150 $FASTMAE bench --models "$FT_B" --batch-size "$FT_BATCH" \
+    --impls timm-compile,fastmae-finetune-compile --max-seconds 80 "${common[@]}"
+  step finetune_report 20 bash -c perf_report
+}
+
 run_large() {
   step large_install 120 bash -c ensure_installed
   if [ "$smoke" = 1 ]; then
@@ -379,7 +398,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   step wheels 120 python -m pip install --no-deps --no-index .whl/*.whl
 fi
 
-if wants perf || wants large || wants perf_compile; then
+if wants perf || wants large || wants perf_compile || wants finetune; then
   export SLUG
   SLUG=$(if [ "$plan_only" = 1 ]; then echo "<gpu>"; else results_slug; fi)
   mkdir -p "$RESULTS" "$SCRATCH"
@@ -389,6 +408,7 @@ if wants perf || wants large || wants perf_compile; then
   fi
   wants perf && run_perf
   wants perf_compile && run_perf_compile
+  wants finetune && run_finetune
   wants large && run_large
   if [ "$plan_only" = 1 ]; then
     echo "sum of the step limits: ${planned} s (the set stops starting steps at ${budget} s)"

@@ -67,12 +67,13 @@ def results_table(rows: list[dict[str, str]]) -> str:
     revisions = sorted({r["git_rev"] for r in ok})
     dates = sorted(r["date"][:10] for r in ok if r.get("date"))
     sizes = sorted({int(r["img_size"]) for r in ok})
-    ratios = sorted({r["mask_ratio"] for r in ok})
+    ratios = sorted({r["mask_ratio"] for r in ok if r.get("mask_ratio")})  # empty in fine-tuning rows
+    measured_baselines = [b for b in BASELINE_IMPLS if any(r["impl"] == b for r in ok)]
     lines += ["", f"{', '.join(gpus)}; {'; '.join(versions)}; dtype: the autocast dtype; "
-                  f"{', '.join(map(str, sizes))} px, mask ratio {', '.join(ratios)}, synthetic input; revisions "
+                  f"{', '.join(map(str, sizes))} px, mask ratio {', '.join(ratios) or 'none (fine-tuning)'}, synthetic input; revisions "
                   f"{', '.join(revisions)}; measured "
                   f"{dates[0]} to {dates[-1]}. Ratios compare rows of the same model and batch; best baseline: the "
-                  f"fastest of {', '.join(BASELINE_IMPLS)} measured there."]
+                  f"fastest of {', '.join(measured_baselines)} measured there."]
     return "\n".join(lines)
 
 

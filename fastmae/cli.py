@@ -135,9 +135,11 @@ def build_parser(with_bench_flags: bool = True) -> argparse.ArgumentParser:
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(pre)
     sub.add_parser("info", help="versions, the fastmae._C extension, and every op's backends on this machine")
-    bench = sub.add_parser("bench", help="pretraining-step img/s, MFU and memory of fastmae and the baselines",
-                           description="Time complete pretraining steps of each model x input x implementation; "
-                                       "each row is upserted into <results-dir>/<gpu>.csv as soon as it is measured.")
+    bench = sub.add_parser("bench", help="training-step img/s, MFU and memory of fastmae and the baselines "
+                                         "(pretraining, or fine-tuning with --task finetune)",
+                           description="Time complete training steps (MAE pretraining, or fine-tuning with --task "
+                                       "finetune) of each model x input x implementation; each row is upserted into "
+                                       "<results-dir>/<gpu>.csv as soon as it is measured.")
     if with_bench_flags:
         from fastmae.benchmark.command import add_arguments as add_bench_arguments
 

@@ -1,4 +1,4 @@
-"""Matmul FLOPs of one MAE pretraining step, the numerator of MFU.
+"""Matmul FLOPs of one MAE pretraining step (and of one ViT fine-tuning step), the numerator of MFU.
 
 Counted as 2 x multiply-adds of every matmul in the official algorithm: the patch embedding of all
 L patches (as the official model computes it), the encoder on ``S = 1 + K`` tokens, the decoder
@@ -62,4 +62,37 @@ def mae_flops(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> MAEFlops
         decoder=_blocks_flops(model.decoder_blocks, dec_tokens),
         decoder_pred=2 * dec_tokens * model.decoder_pred.in_features * model.decoder_pred.out_features,
         patch_embed_visible=2 * len_keep * patch_dim * d,
+    )
+
+
+@dataclass(frozen=True)
+class ClassifierFlops:
+    """Forward matmul FLOPs per image of a ViT classifier (``fastmae.vit.VisionTransformer``), by part: the patch
+    embedding of the ``L`` patches, the blocks on ``S = 1 + L`` tokens (the cls token and every patch: nothing is
+    masked when fine-tuning), the head. Counted as :func:`mae_flops` counts (2 x multiply-adds of the matmuls)."""
+
+    patch_embed: int
+    encoder: int
+    head: int
+
+    @property
+    def forward(self) -> int:
+        return self.patch_embed + self.encoder + self.head
+
+    @property
+    def train_step(self) -> int:
+        """Forward + backward per image (3 x forward): end-to-end fine-tuning, every parameter trained."""
+        return 3 * self.forward
+
+
+def classifier_flops(model: nn.Module) -> ClassifierFlops:
+    """FLOPs per image of ``model``, a ``fastmae.vit.VisionTransformer`` (a meta-device model is enough)."""
+    pe = model.patch_embed
+    num_patches, d = pe.num_patches, pe.proj.out_channels
+    patch_dim = pe.patch_size[0] * pe.patch_size[1] * pe.in_chans
+    head = model.head
+    return ClassifierFlops(
+        patch_embed=2 * num_patches * patch_dim * d,
+        encoder=_blocks_flops(model.blocks, 1 + num_patches),
+        head=2 * head.in_features * head.out_features if isinstance(head, nn.Linear) else 0,
     )

@@ -231,8 +231,8 @@ def test_baselines_import_from_outside_the_source_tree(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     probe = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert probe.returncode == 0, probe.stderr[-2000:]
-    assert probe.stdout.split() == ["['hf',", "'hf-compile',", "'modern',", "'modern-cudagraph',", "'official']",
-                                    "False", "False"]
+    assert probe.stdout.split() == ["['hf',", "'hf-compile',", "'modern',", "'modern-cudagraph',", "'official',",
+                                    "'timm',", "'timm-compile']", "False", "False"]
 
 
 @pytest.mark.gpu

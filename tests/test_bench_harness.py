@@ -287,8 +287,9 @@ def test_gpu_defaults_are_the_full_set() -> None:
     assert bench_defaults(torch.device("cuda")) == GPU_DEFAULTS
     assert (GPU_DEFAULTS.models, GPU_DEFAULTS.batch_size) == (
         ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"), 256)
-    assert set(BASELINE_IMPLS) == {"official", "modern", "modern-cudagraph", "hf", "hf-compile"}
-    assert set(BASELINE_IMPLS) <= set(GPU_DEFAULTS.impls)
+    pretraining_baselines = {"official", "modern", "modern-cudagraph", "hf", "hf-compile"}
+    assert set(BASELINE_IMPLS) == pretraining_baselines | {"timm", "timm-compile"}  # + fine-tuning's
+    assert pretraining_baselines <= set(GPU_DEFAULTS.impls)
     assert {"fastmae", "fastmae-compile", "fastmae-cudagraph"} <= set(GPU_DEFAULTS.impls)
     assert CPU_DEFAULTS.models == (TINY,) and CPU_DEFAULTS.batch_size == 8
 

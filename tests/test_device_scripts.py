@@ -95,6 +95,23 @@ def test_large_plan_and_its_smoke_twin(tmp_path: Path) -> None:
     assert "--device cpu" in smoke["large_loader"]
 
 
+def test_finetune_plan_measures_fastmae_against_timm_eager_and_compiled(tmp_path: Path) -> None:
+    lines = _plan("finetune", smoke=False, tmp_path=tmp_path)
+    assert lines[0].startswith("plan (GPU, budget 470 s")
+    steps = {line.split()[0]: line.split() for line in lines[1:-1]}
+    assert list(steps) == ["finetune_install", "finetune_eager", "finetune_compile_L", "finetune_compile_B",
+                           "finetune_report"]
+    measured: dict[str, set[str]] = {}
+    for name in ("finetune_eager", "finetune_compile_L", "finetune_compile_B"):
+        words = steps[name]
+        assert words[words.index("--task") + 1] == "finetune" and "--img-size 224" in " ".join(words)
+        assert words[words.index("--batch-size") + 1] == "128"  # one batch for every row of a comparison
+        for model in words[words.index("--models") + 1].split(","):
+            measured.setdefault(model, set()).update(words[words.index("--impls") + 1].split(","))
+    full = {"fastmae-finetune", "fastmae-finetune-compile", "timm", "timm-compile"}
+    assert measured == {"vit_base_patch16": full, "vit_large_patch16": full}
+
+
 # --- bench/make_jpeg_set.py --------------------------------------------------------------------------------------
 def test_make_jpeg_set_writes_imagenet_like_jpegs(tmp_path: Path) -> None:
     out = tmp_path / "set"

@@ -39,3 +39,30 @@ def test_matches_torch_flop_counter() -> None:
         model(imgs, mask_ratio=0.75)
     flops = mae_flops(model, 0.75)
     assert counter.get_total_flops() == 2 * (flops.forward - flops.patch_embed + flops.patch_embed_visible)
+
+
+@pytest.mark.parametrize("name,gmacs", [
+    ("vit_base_patch16", 17.56),  # the usual "17.6 GFLOPs" of ViT-B/16 at 224 px counts multiply-adds
+    ("vit_large_patch16", 61.6),
+    ("vit_huge_patch14", 167.3),
+])
+def test_classifier_presets(name: str, gmacs: float) -> None:
+    from fastmae.flops import classifier_flops
+    from fastmae.vit import VIT_PRESETS
+
+    with torch.device("meta"):
+        model = VIT_PRESETS[name](num_classes=1000)
+    flops = classifier_flops(model)
+    assert round(flops.forward / 2e9, 2 if gmacs < 20 else 1) == gmacs
+    assert flops.train_step == 3 * flops.forward and flops.head == 2 * model.embed_dim * 1000
+
+
+def test_classifier_matches_torch_flop_counter() -> None:
+    """The classifier executes exactly the counted matmuls (every patch, the cls token, the head)."""
+    from fastmae.flops import classifier_flops
+    from fastmae.vit import VisionTransformer
+
+    model = VisionTransformer(img_size=(64, 96), patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+    with fastmae.use_backend("reference"), FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, 3, 64, 96))
+    assert counter.get_total_flops() == 2 * classifier_flops(model).forward

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 from fastmae.benchmark.inputs import INPUT_MODES
-from fastmae.benchmark.registry import ALL_IMPLS
+from fastmae.benchmark.registry import TASK_IMPLS, TASKS
 from fastmae.benchmark.report import format_table
 from fastmae.benchmark.results import REGRESSION_THRESHOLD, compare_rows, format_comparisons, read_rows
-from fastmae.benchmark.run import CPU_DEFAULTS, DEFAULT_RESULTS_DIR, GPU_DEFAULTS, BenchConfig, run_bench
+from fastmae.benchmark.run import (CPU_DEFAULTS, DEFAULT_RESULTS_DIR, FINETUNE_CPU_DEFAULTS, FINETUNE_GPU_DEFAULTS,
+                                   GPU_DEFAULTS, TASK_DEFAULTS, BenchConfig, run_bench)
 from fastmae.model import PRESETS
 
 
@@ -20,16 +21,25 @@ def _default_help(gpu: object, cpu: object) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fastmae bench`` flags. Models, batch size, implementations, steps and warm-up default to
-    the GPU set on a CUDA device and to a small set that runs in under a minute on a CPU."""
+    the task's GPU set on a CUDA device and to a small set that runs in under a minute on a CPU."""
     gpu, cpu = GPU_DEFAULTS, CPU_DEFAULTS
+    ft_gpu, ft_cpu = FINETUNE_GPU_DEFAULTS, FINETUNE_CPU_DEFAULTS
+    finetune_defaults = _default_help(f"{','.join(ft_gpu.models)} at batch {ft_gpu.batch_size}, {','.join(ft_gpu.impls)}",
+                                      f"{','.join(ft_cpu.models)} at batch {ft_cpu.batch_size}, {','.join(ft_cpu.impls)}")
+    parser.add_argument("--task", default="pretrain", choices=TASKS,
+                        help="pretrain: MAE pretraining steps (mae_* presets, mask ratio 0.75); finetune: end-to-end "
+                             "fine-tuning steps of the ViT classifiers (vit_* presets, the official recipe: mixup/"
+                             "cutmix, drop path, layer-decay AdamW) against timm's ViT, eager and compiled, on "
+                             f"synthetic input; its defaults {finetune_defaults} [default %(default)s]")
     parser.add_argument("--models", default=None,
-                        help=f"comma-separated presets, from {sorted(PRESETS)} "
-                             + _default_help(",".join(gpu.models), ",".join(cpu.models)))
+                        help=f"comma-separated presets, from {sorted(PRESETS)} (pretrain) or the vit_* presets "
+                             "(finetune) " + _default_help(",".join(gpu.models), ",".join(cpu.models)))
     parser.add_argument("--batch-size", default=None,
                         help="one batch size for every model, or a comma-separated one per model "
                              + _default_help(gpu.batch_size, cpu.batch_size))
     parser.add_argument("--impls", default=None,
-                        help=f"comma-separated implementations, from {list(ALL_IMPLS)} "
+                        help=f"comma-separated implementations, from {list(TASK_IMPLS['pretrain'])} (pretrain) or "
+                             f"{list(TASK_IMPLS['finetune'])} (finetune) "
                              + _default_help(",".join(gpu.impls), ",".join(cpu.impls) + " (hf where transformers "
                                                                                           "is installed)"))
     parser.add_argument("--img-size", type=int, default=224, help="input resolution [default %(default)s]")
@@ -78,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         steps=args.steps, warmup=args.warmup, inputs=_names(args.input), results_dir=Path(args.results_dir),
         device=args.device, max_seconds=args.max_seconds,
         data_dir=Path(args.data) if args.data else None, loader_workers=args.workers,
-        count_kernels=args.count_kernels,
+        count_kernels=args.count_kernels, task=args.task,
     )
 
 
@@ -95,8 +105,9 @@ def cpu_defaults_note(cfg: BenchConfig) -> str | None:
     """What to tell the user when a run off CUDA took the CPU defaults for some flags; ``None`` otherwise."""
     if cfg.device.type == "cuda" or not cfg.defaults_used:
         return None
-    gpu = {"models": GPU_DEFAULTS.models, "batch_sizes": (GPU_DEFAULTS.batch_size,), "steps": GPU_DEFAULTS.steps,
-           "warmup": GPU_DEFAULTS.warmup, "impls": GPU_DEFAULTS.impls}
+    defaults = TASK_DEFAULTS[cfg.task][0]
+    gpu = {"models": defaults.models, "batch_sizes": (defaults.batch_size,), "steps": defaults.steps,
+           "warmup": defaults.warmup, "impls": defaults.impls}
     return (f"fastmae bench: no CUDA device in use ({cfg.device}), so the CPU defaults for the flags not given: "
             f"{' '.join(_flag(name, getattr(cfg, name)) for name in cfg.defaults_used)}. On a CUDA device the "
             f"defaults are the GPU set: {' '.join(_flag(name, value) for name, value in gpu.items())} (its "

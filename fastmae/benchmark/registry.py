@@ -1,9 +1,10 @@
-"""Implementation names -> step builders: fastmae's own variants and the baselines.
+"""Implementation names -> step builders: fastmae's own variants and the baselines, for each task.
 
-fastmae's variants (``FASTMAE_IMPLS``) are built by ``fastmae.benchmark.train_step``; the baselines
-(``official``, ``modern``, ``modern-cudagraph``, ``hf``, ``hf-compile``) by
-``fastmae.benchmark.baselines.steps``; every builder is ``(model_name, batch_size, img_size, device) ->
-TrainStep``. ``unavailable_reason`` says, before anything is built, why an implementation cannot run on
+Task ``pretrain``: fastmae's variants (``FASTMAE_IMPLS``) are built by ``fastmae.benchmark.train_step``; the
+baselines (``official``, ``modern``, ``modern-cudagraph``, ``hf``, ``hf-compile``) by
+``fastmae.benchmark.baselines.steps``. Task ``finetune``: ``fastmae-finetune``, ``fastmae-finetune-compile`` and
+the baselines ``timm``, ``timm-compile``, all built by ``fastmae.benchmark.finetune_step``. Names are unique
+across tasks. Every builder is ``(model_name, batch_size, img_size, device) -> TrainStep``. ``unavailable_reason`` says, before anything is built, why an implementation cannot run on
 a device (a CUDA graph on a CPU, transformers not installed); ``fastmae bench`` skips such a row with
 that reason.
 """
@@ -17,25 +18,37 @@ from functools import partial
 import torch
 
 from fastmae.benchmark.baselines import steps as baselines
+from fastmae.benchmark.finetune_step import (FINETUNE_BASELINES, FINETUNE_IMPLS, build_finetune_step,
+                                            finetune_unavailable_reason)
 from fastmae.benchmark.train_step import FASTMAE_IMPLS, TrainStep, build_fastmae_step, fastmae_unavailable_reason
 
 Builder = Callable[[str, int, int, torch.device], TrainStep]
 
-BASELINE_IMPLS = tuple(baselines.BUILDERS)
-ALL_IMPLS = (*FASTMAE_IMPLS, *BASELINE_IMPLS)
+TASKS = ("pretrain", "finetune")
+TASK_IMPLS = {"pretrain": (*FASTMAE_IMPLS, *baselines.BUILDERS), "finetune": tuple(FINETUNE_IMPLS)}
+BASELINE_IMPLS = (*baselines.BUILDERS, *FINETUNE_BASELINES)
+ALL_IMPLS = (*TASK_IMPLS["pretrain"], *TASK_IMPLS["finetune"])
 # On CUDA: fastmae's variants and every baseline, the strongest (compiled, CUDA-graphed) included.
 GPU_DEFAULT_IMPLS = ("fastmae", "fastmae-compile", "fastmae-cudagraph", "fastmae-reference", "official", "modern",
                      "modern-cudagraph", "hf", "hf-compile")
 # On a CPU: the eager rows (fastmae.benchmark.run.bench_defaults drops hf where transformers is missing).
 # The compiled rows would spend minutes in the CPU Inductor compiler, timing a backend they are not for.
 CPU_DEFAULT_IMPLS = ("fastmae", "fastmae-reference", "official", "modern", "hf")
+# Fine-tuning: every implementation on CUDA; the eager two on a CPU.
+GPU_DEFAULT_FINETUNE_IMPLS = tuple(FINETUNE_IMPLS)
+CPU_DEFAULT_FINETUNE_IMPLS = ("fastmae-finetune", "timm")
 
 
-def check_impl_names(impls: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming the unknown ones when ``impls`` holds a name not in ``ALL_IMPLS``."""
-    unknown = [i for i in impls if i not in ALL_IMPLS]
+def check_impl_names(impls: tuple[str, ...], task: str | None = None) -> None:
+    """Raise ``ValueError`` naming the unknown ones when ``impls`` holds a name not in ``ALL_IMPLS`` or, with
+    ``task``, not among that task's implementations."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    known = ALL_IMPLS if task is None else TASK_IMPLS[task]
+    unknown = [i for i in impls if i not in known]
     if unknown:
-        raise ValueError(f"unknown impl(s) {unknown}; expected names from {list(ALL_IMPLS)}")
+        where = "" if task is None else f" for task {task}"
+        raise ValueError(f"unknown impl(s) {unknown}{where}; expected names from {list(known)}")
 
 
 def impl_of_step(compile: bool, cuda_graph: bool, bf16_params: bool = False, fp8: bool = False) -> str:
@@ -56,6 +69,8 @@ def unavailable_reason(impl: str, device: torch.device) -> str | None:
     check_impl_names((impl,))
     if impl in FASTMAE_IMPLS:
         return fastmae_unavailable_reason(impl, device)
+    if impl in FINETUNE_IMPLS:
+        return finetune_unavailable_reason(impl, device)
     return baselines.unavailable_reason(impl, device)
 
 
@@ -77,6 +92,8 @@ def load_builders(impls: tuple[str, ...], device: torch.device) -> Builders:
             out.unavailable[impl] = reason
         elif impl in FASTMAE_IMPLS:
             out.builders[impl] = partial(build_fastmae_step, impl)
+        elif impl in FINETUNE_IMPLS:
+            out.builders[impl] = partial(build_finetune_step, impl)
         else:
             out.builders[impl] = baselines.BUILDERS[impl]
     return out

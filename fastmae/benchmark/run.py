@@ -1,4 +1,8 @@
-"""``fastmae bench``'s run: pretraining-step throughput of fastmae and the baselines, one CSV row each.
+"""``fastmae bench``'s run: training-step throughput of fastmae and the baselines, one CSV row each.
+
+A run has a task: ``pretrain`` (MAE pretraining steps of the ``mae_*`` presets at mask ratio 0.75) or
+``finetune`` (end-to-end fine-tuning steps of the ``vit_*`` classifier presets, ``fastmae.benchmark.finetune_step``;
+synthetic input only; their rows leave ``mask_ratio`` empty).
 
 For each model, input mode and implementation (in the order given): build the step, run
 ``warmup`` steps, time ``steps`` steps, count the CUDA kernels of one more step (on CUDA, unless
@@ -23,11 +27,15 @@ from pathlib import Path
 import torch
 
 import fastmae
+from fastmae.benchmark.finetune_step import FINETUNE_IMPLS, check_vit_name, fastmae_classifier
 from fastmae.benchmark.inputs import INPUT_MODES, BatchSource, input_unavailable_reason
 from fastmae.benchmark.peak import measure_matmul_tflops, mfu, spec_tflops
 from fastmae.benchmark.registry import (
+    CPU_DEFAULT_FINETUNE_IMPLS,
     CPU_DEFAULT_IMPLS,
+    GPU_DEFAULT_FINETUNE_IMPLS,
     GPU_DEFAULT_IMPLS,
+    TASKS,
     Builders,
     check_impl_names,
     load_builders,
@@ -36,7 +44,7 @@ from fastmae.benchmark.registry import (
 from fastmae.benchmark.results import gpu_slug, upsert_rows
 from fastmae.benchmark.timing import Timing, count_kernels, time_train_step
 from fastmae.benchmark.train_step import FASTMAE_IMPLS, MASK_RATIO, StepUnavailable, TrainStep, check_model_name
-from fastmae.flops import mae_flops
+from fastmae.flops import classifier_flops, mae_flops
 from fastmae.model import PRESETS
 
 # Relative: the folder where fastmae bench is run, never the installed package or its source tree.
@@ -62,6 +70,13 @@ GPU_DEFAULTS = BenchDefaults(models=("mae_vit_base_patch16", "mae_vit_large_patc
 # a few steps.
 CPU_DEFAULTS = BenchDefaults(models=("mae_vit_tiny_patch16",), batch_size=8, steps=3, warmup=1,
                              impls=CPU_DEFAULT_IMPLS)
+# Fine-tuning ViT-B/L at 224 px, batch 128 per GPU (the recipe's is 32 per GPU x 4 accumulation steps: 128 images
+# per optimiser step and GPU); on a CPU the tiny ViT.
+FINETUNE_GPU_DEFAULTS = BenchDefaults(models=("vit_base_patch16", "vit_large_patch16"), batch_size=128, steps=20,
+                                      warmup=5, impls=GPU_DEFAULT_FINETUNE_IMPLS)
+FINETUNE_CPU_DEFAULTS = BenchDefaults(models=("vit_tiny_patch16",), batch_size=8, steps=3, warmup=1,
+                                      impls=CPU_DEFAULT_FINETUNE_IMPLS)
+TASK_DEFAULTS = {"pretrain": (GPU_DEFAULTS, CPU_DEFAULTS), "finetune": (FINETUNE_GPU_DEFAULTS, FINETUNE_CPU_DEFAULTS)}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -81,12 +96,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def bench_defaults(device: torch.device) -> BenchDefaults:
-    """``GPU_DEFAULTS`` on CUDA; elsewhere ``CPU_DEFAULTS`` less the implementations that cannot run there
-    (``hf`` without transformers)."""
+def bench_defaults(device: torch.device, task: str = "pretrain") -> BenchDefaults:
+    """The task's GPU defaults on CUDA (``GPU_DEFAULTS``, ``FINETUNE_GPU_DEFAULTS``); elsewhere its CPU defaults
+    less the implementations that cannot run there (``hf`` without transformers)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    gpu, cpu = TASK_DEFAULTS[task]
     if device.type == "cuda":
-        return GPU_DEFAULTS
-    return replace(CPU_DEFAULTS, impls=tuple(i for i in CPU_DEFAULTS.impls if unavailable_reason(i, device) is None))
+        return gpu
+    return replace(cpu, impls=tuple(i for i in cpu.impls if unavailable_reason(i, device) is None))
 
 
 @dataclass
@@ -94,8 +112,9 @@ class BenchConfig:
     """What ``fastmae bench`` measures; ``batch_sizes`` holds one size for every model or one per model.
 
     ``device`` ``None`` is cuda when available, else cpu; after construction it is a ``torch.device``.
-    ``models``, ``impls``, ``batch_sizes``, ``steps`` and ``warmup`` left ``None`` get that device's
+    ``models``, ``impls``, ``batch_sizes``, ``steps`` and ``warmup`` left ``None`` get that device's and task's
     ``bench_defaults`` (the GPU set on CUDA, a small CPU set elsewhere); ``defaults_used`` names them.
+    ``task``: ``pretrain`` (``mae_*`` presets) or ``finetune`` (``vit_*`` presets, synthetic input only).
     """
 
     models: tuple[str, ...] | None = None
@@ -111,11 +130,12 @@ class BenchConfig:
     data_dir: Path | None = None  # JPEG folder for the loader input; default: the generated demo set
     loader_workers: int | None = None
     count_kernels: bool = True  # profile one more step per row on CUDA and record its kernel count
+    task: str = "pretrain"
     defaults_used: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
-        defaults = bench_defaults(self.device)
+        defaults = bench_defaults(self.device, self.task)
         fallback = {"models": defaults.models, "impls": defaults.impls, "batch_sizes": (defaults.batch_size,),
                     "steps": defaults.steps, "warmup": defaults.warmup}
         self.defaults_used = tuple(name for name in fallback if getattr(self, name) is None)
@@ -126,11 +146,14 @@ class BenchConfig:
         if not self.models or not self.impls or not self.inputs:
             raise ValueError("models, impls and inputs must each name at least one item")
         for name in self.models:
-            check_model_name(name)
-        check_impl_names(self.impls)
+            (check_model_name if self.task == "pretrain" else check_vit_name)(name)
+        check_impl_names(self.impls, self.task)
         bad_inputs = [m for m in self.inputs if m not in INPUT_MODES]
         if bad_inputs:
             raise ValueError(f"unknown input mode(s) {bad_inputs}; expected names from {list(INPUT_MODES)}")
+        if self.task == "finetune" and self.inputs != ("synthetic",):
+            raise ValueError(f"the finetune task takes synthetic input only (the loaders feed pretraining), got "
+                             f"{list(self.inputs)}")
         if len(self.batch_sizes) not in (1, len(self.models)) or not all(
                 isinstance(b, int) and b >= 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be one positive int, or one per model ({len(self.models)}), "
@@ -215,12 +238,15 @@ def _context(cfg: BenchConfig, log: Callable[[str], None]) -> RunContext:
 
 
 def _expected_meta(impl: str, device: torch.device) -> dict[str, object] | None:
-    """dtype/compile/cuda_graph of a fastmae variant without building it (the baselines are known once built)."""
+    """dtype/compile/cuda_graph of a fastmae variant or a fine-tuning row without building it (the pretraining
+    baselines are known once built)."""
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    if impl in FINETUNE_IMPLS:
+        return {"dtype": dtype, "compile": FINETUNE_IMPLS[impl].compile, "cuda_graph": False}
     if impl not in FASTMAE_IMPLS:
         return None
     variant = FASTMAE_IMPLS[impl]
-    return {"dtype": "bf16" if device.type == "cuda" else "fp32", "compile": variant.compile,
-            "cuda_graph": variant.cuda_graph}
+    return {"dtype": dtype, "compile": variant.compile, "cuda_graph": variant.cuda_graph}
 
 
 def _step_meta(step: TrainStep) -> dict[str, object]:
@@ -316,7 +342,8 @@ def _row(ctx: RunContext, cfg: BenchConfig, impl: str, model: str, mode: str, ba
     meta = attempt.meta or _expected_meta(impl, ctx.device) or {"dtype": "", "compile": "", "cuda_graph": ""}
     row: dict[str, object] = {
         "gpu": ctx.gpu, "impl": impl, "model": model, "batch": cfg.batch_for(model), "batch_used": batch_used,
-        "img_size": cfg.img_size, "mask_ratio": MASK_RATIO, "dtype": meta["dtype"],
+        "img_size": cfg.img_size, "mask_ratio": MASK_RATIO if cfg.task == "pretrain" else None,
+        "dtype": meta["dtype"],
         "compile": str(meta["compile"]).lower(), "cuda_graph": str(meta["cuda_graph"]).lower(), "input": mode,
         "steps": cfg.steps, "gflops_per_img": f"{train_flops / 1e9:.2f}",
         "matmul_tflops_measured": None if ctx.matmul_tflops is None else f"{ctx.matmul_tflops:.1f}",
@@ -348,8 +375,11 @@ def _summary(row: dict[str, object]) -> str:
             f"{kernel_text}, setup {row['setup_s']} s, loss {row['loss']}: {row['status']}")
 
 
-def _train_flops(model: str, img_size: int) -> int:
+def _train_flops(model: str, img_size: int, task: str = "pretrain") -> int:
+    """Matmul FLOPs of one training step per image (``fastmae.flops``), from a copy of the model on meta."""
     with torch.device("meta"):
+        if task == "finetune":
+            return classifier_flops(fastmae_classifier(model, img_size, 0.0)).train_step
         return mae_flops(PRESETS[model](img_size=img_size), MASK_RATIO).train_step
 
 
@@ -364,7 +394,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> tuple[lis
     builders = load_builders(cfg.impls, ctx.device)
     rows: list[dict[str, object]] = []
     for model in cfg.models:
-        train_flops = _train_flops(model, cfg.img_size)
+        train_flops = _train_flops(model, cfg.img_size, cfg.task)
         for mode in cfg.inputs:
             for impl in cfg.impls:
                 elapsed, batch = time.monotonic() - started, cfg.batch_for(model)

@@ -40,10 +40,11 @@ class StepUnavailable(RuntimeError):
 
 @dataclass
 class TrainStep:
-    """One implementation's complete pretraining step, ready to time."""
+    """One implementation's complete training step, ready to time: a pretraining step (below), or a fine-tuning
+    step built by ``fastmae.benchmark.finetune_step`` (its ``run`` does that module's recipe)."""
 
-    impl: str  # row label: "fastmae", "fastmae-reference", "official", "modern", "hf", ...
-    model_name: str  # fastmae preset name, e.g. "mae_vit_large_patch16"
+    impl: str  # row label: "fastmae", "fastmae-reference", "official", "modern", "hf", "timm", ...
+    model_name: str  # fastmae preset name, e.g. "mae_vit_large_patch16" (fine-tuning: "vit_large_patch16")
     batch_size: int
     dtype: str  # "bf16" | "fp16" | "fp32" (autocast dtype; fp32 = no autocast)
     compile: bool  # torch.compile used
