@@ -216,3 +216,23 @@ def test_pretrain_with_block_masks_and_a_smaller_decoder(tmp_path: Path, monkeyp
     assert saved["mask_strategy"] == "block" and saved["decoder_depth"] == 1
     weights = torch.load(checkpoint_path(out / "checkpoints", 2), weights_only=True)["model"]
     assert weights["decoder_embed.weight"].shape == (64, 192) and "decoder_blocks.1.norm1.weight" not in weights
+
+
+@pytest.mark.parametrize("strategy", ["random", "block", "grid"])
+def test_heldout_images_are_scored_on_the_runs_mask_strategy(tmp_path: Path, strategy: str) -> None:
+    """The held-out loss (and the figure drawn from it) uses masks of the run's strategy, fixed by ``MASK_SEED``;
+    the random strategy keeps its torch-generator draw (the held-out numbers of random-mask runs are unchanged)."""
+    from fastmae.data.images import list_images
+    from fastmae.train.heldout import MASK_SEED, HeldOut
+
+    files = list_images(demo_dataset(tmp_path / "cache", crops_per_photo=1, size=64))[:3]
+    heldout = HeldOut(files, 64, (4, 4), 0.75, torch.device("cpu"), mask_strategy=strategy)
+    if strategy == "random":
+        expected = torch.rand(3, 16, generator=torch.Generator().manual_seed(MASK_SEED))
+    else:
+        expected = mask_noise_for(strategy, 3, (4, 4), 4, seed=MASK_SEED)
+    assert torch.equal(heldout.noise, expected)
+    if strategy == "grid":
+        assert torch.equal(_kept(heldout.noise, 4), ~grid_mask(3, (4, 4)))
+    model = mae_vit_tiny_patch16(img_size=64)
+    assert torch.isfinite(torch.tensor(heldout.score(model))) and heldout.baseline > 0

@@ -66,3 +66,21 @@ def test_sigterm_in_one_process_saves_exits_75_and_resumes(tmp_path: Path, demo_
     assert "resuming from " + str(ckpts / "ckpt-00000003.pt") + " (step 3)" in capsys.readouterr().out
     assert summary.steps == STEPS and summary.status == "complete"
     assert step_losses(out) == reference.losses  # continued bit-exactly from the preemption checkpoint
+
+
+def test_resuming_with_another_objective_is_refused_before_anything_is_written(
+        tmp_path: Path, demo_root: Path, capsys: pytest.CaptureFixture[str], one_thread: None) -> None:  # noqa: F811
+    """A run folder with checkpoints is resumed only by a run with the same model and objective: another mask
+    strategy (or mask ratio, decoder, target) is exit 2 naming what differs, and the folder is left as it was."""
+    from fastmae.cli import main
+
+    out = tmp_path / "run"
+    pretrain(config(demo_root, out, steps=2, save_every=2), progress=False)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main(cli_args(demo_root, out, steps=4, mask_strategy="grid", mask_ratio=0.75)) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoints of another run" in err and "--mask-strategy 'random' (asked: 'grid')" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    # the same objective with more steps resumes
+    assert main(cli_args(demo_root, out, steps=4, save_every=2)) == 0
+    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1].endswith("4.pt")

@@ -1,8 +1,10 @@
 """Held-out images: a fixed set of images never trained on, each with a fixed mask, scored at every log interval.
 
-``HeldOut(files, img_size, num_patches, len_keep, device)`` decodes the images once (the evaluation transform:
-a resize, no augmentation) and draws one mask per image from a generator of its own (seed ``MASK_SEED``), so the
-score of a run does not depend on its seed, and every run of the same settings is scored on the same patches.
+``HeldOut(files, img_size, grid_size, mask_ratio, device, dtype, mask_strategy)`` decodes the images once (the
+evaluation transform: a resize, no augmentation) and fixes one mask per image, drawn as the run's ``mask_strategy``
+draws its masks (``fastmae.masking``) but from a seed of its own (``MASK_SEED``; the random strategy from a torch
+generator with that seed), so the score of a run does not depend on its seed, every run of the same settings is
+scored on the same patches, and a block- or grid-masked run is scored on the masks it learns from.
 
 ``score(model)``: the model's loss (the training objective: the mean squared error over the removed patches,
 per-patch normalised under ``norm_pix_loss``) on these images and masks. ``baseline``: the same loss of the
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fastmae.data.eval_transform import ImageFiles, eval_transform
+from fastmae.masking import mask_noise_for
 from fastmae.model import MaskedAutoencoderViT
 
 MASK_SEED = 0  # the held-out masks' generator: the same patches whatever the run's seed
@@ -25,13 +28,19 @@ BATCH = 64  # images per forward pass when scoring
 
 
 class HeldOut:
-    def __init__(self, files: list[Path], img_size: int, num_patches: int, mask_ratio: float,
-                 device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, files: list[Path], img_size: int, grid_size: tuple[int, int], mask_ratio: float,
+                 device: torch.device, dtype: torch.dtype = torch.float32, mask_strategy: str = "random") -> None:
         self.files = files
         dataset = ImageFiles(files, eval_transform(img_size))
         self.imgs = torch.stack([dataset[i] for i in range(len(dataset))]).to(device, dtype)  # (N, 3, S, S)
-        generator = torch.Generator().manual_seed(MASK_SEED)
-        self.noise = torch.rand(len(files), num_patches, generator=generator).to(device)  # (N, L)
+        num_patches = grid_size[0] * grid_size[1]
+        if mask_strategy == "random":
+            generator = torch.Generator().manual_seed(MASK_SEED)
+            self.noise = torch.rand(len(files), num_patches, generator=generator).to(device)  # (N, L)
+        else:
+            len_keep = int(num_patches * (1 - mask_ratio))  # as the model computes it
+            self.noise = mask_noise_for(mask_strategy, len(files), grid_size, len_keep, seed=MASK_SEED,
+                                        device=device)  # (N, L)
         self.mask_ratio = mask_ratio
         self.baseline = float("nan")
 

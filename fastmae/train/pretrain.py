@@ -45,6 +45,7 @@ from fastmae.data.demo import demo_dataset
 from fastmae.data.eval_transform import ImageFiles, eval_transform
 from fastmae.data.images import list_images
 from fastmae.data.loader import dali_available, pretrain_loader
+from fastmae.masking import mask_noise_for
 from fastmae.model import MaskedAutoencoderViT
 from fastmae.train.checkpoint import (list_checkpoints, load_latest_checkpoint, prune_checkpoints, save_checkpoint,
                                       write_atomic)
@@ -171,6 +172,33 @@ def check_run(cfg: PretrainConfig) -> None:
     if cfg.loader == "dali" and not dali_available():
         raise SettingError("loader must be torch or auto here: NVIDIA DALI is not installed (pip install "
                            "nvidia-dali-cuda130, or fastmae[dali]), got 'dali'", ("loader",))
+    check_same_objective(cfg)
+
+
+# What a resumed run must share with the run that wrote its checkpoints: the model and what it learns to do. Other
+# settings (steps, epochs, workers, logging, the loader, the device, the fast path) may change between runs.
+OBJECTIVE_KEYS = ("model", "img_size", "mask_ratio", "mask_strategy", "norm_pix_loss", "decoder_depth",
+                  "decoder_embed_dim", "decoder_num_heads")
+
+
+def check_same_objective(cfg: PretrainConfig) -> None:
+    """``SettingError`` when ``cfg.output`` holds checkpoints of a run whose ``config.json`` differs from ``cfg`` in
+    an ``OBJECTIVE_KEYS`` setting: resuming would silently continue another experiment (another mask strategy, say)
+    and overwrite its ``config.json``. Nothing is checked without checkpoints or without a readable ``config.json``
+    (a folder written before the file existed)."""
+    out = Path(cfg.output)
+    if not list_checkpoints(out / "checkpoints") or not (out / "config.json").is_file():
+        return
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    asked = dataclasses.asdict(cfg)
+    changed = [key for key in OBJECTIVE_KEYS if key in saved and saved[key] != asked[key]]
+    if changed:
+        pairs = ", ".join(f"{key} {saved[key]!r} (asked: {asked[key]!r})" for key in changed)
+        raise SettingError(f"output {str(out)!r} holds checkpoints of another run: it was made with {pairs}; resume "
+                           "it with its settings, or choose another output folder", tuple(changed))
 
 
 @dataclass
@@ -258,8 +286,8 @@ class Trainer:
         self.model = new_model(cfg).to(self.device)
         self.num_patches = self.model.patch_embed.num_patches
         self.len_keep = int(self.num_patches * (1 - cfg.mask_ratio))
-        self.heldout = (HeldOut(self.heldout_files, cfg.img_size, self.num_patches, cfg.mask_ratio, self.device,
-                                self.param_dtype if self.fsdp else torch.float32)
+        self.heldout = (HeldOut(self.heldout_files, cfg.img_size, self.model.patch_embed.grid_size, cfg.mask_ratio,
+                                self.device, self.param_dtype if self.fsdp else torch.float32, cfg.mask_strategy)
                         if self.heldout_files else None)
         if self.precision == "fp8":
             convert_to_fp8(self.model, cfg.fp8_recipe)
@@ -560,8 +588,13 @@ def _save_figure(cfg: PretrainConfig, model: MaskedAutoencoderViT, ranks: Ranks,
         return
     shown = ImageFiles([files[i * len(files) // 6] for i in range(min(6, len(files)))], eval_transform(cfg.img_size))
     sample = torch.stack([shown[i] for i in range(len(shown))])  # (6, 3, S, S)
+    noise = None  # random masks: the figure's own seeded draw
+    if cfg.mask_strategy != "random":  # the masks the run trains with
+        grid = model.patch_embed.grid_size
+        noise = mask_noise_for(cfg.mask_strategy, len(sample), grid, int(grid[0] * grid[1] * (1 - cfg.mask_ratio)),
+                               device=ranks.device)  # (6, L)
     save_reconstruction_figure(model, sample.to(ranks.device), out / "reconstruction.png", cfg.mask_ratio,
-                               title=title + ", training images", step=step, heldout=False)
+                               title=title + ", training images", step=step, heldout=False, noise=noise)
 
 
 def _figure_rows(files: list[Path]) -> list[int]:
