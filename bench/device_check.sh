@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # bench/device_check.sh OUT_DIR [STEPS...] -- the prepared checks for a lent GPU machine (no network).
 #
-# STEPS picks single steps from: build info gpu_tests profile ops_bench attention_tune attention_bench e2e aot
-# (default: all but attention_tune and aot; aot needs no GPU: `python -m fastmae.kernels.aot` runs anywhere), or
+# STEPS picks single steps from: build info gpu_tests profile ops_bench attention_tune attention_bench ncu_attention
+# e2e aot (default: all but attention_tune, ncu_attention and aot; aot needs no GPU: `python -m fastmae.kernels.aot`
+# runs anywhere; ncu_attention: bench/ncu_attention.py, what bounds each attention kernel, ~90 s, where ncu can read
+# the counters: on a Firecracker machine, not on gVisor, where it stops with ncu's one-line reason), or
 # one of the step sets, each ending within its own budget (FASTMAE_CHECK_SECONDS overrides it):
 #   perf   (issue 14, 470 s): the end-to-end table, ViT-B/L/H x {fastmae's best variants, official, hf, modern,
 #          modern-cudagraph} at batch 256 (+512 for L and H), kernels per step in each row, the attention
@@ -439,6 +441,7 @@ wants attention_tune && step attention_tune 240 python bench/tune_attention.py -
   --csv "$out/attention_tuning.csv"
 wants attention_bench && step attention_bench 120 python -m pytest -q bench/test_bench_attention.py --benchmark-only \
   --benchmark-json "$out/attention_bench.json" -p no:cacheprovider
+wants ncu_attention && step ncu_attention 300 python bench/ncu_attention.py --out "$out/ncu"
 if wants e2e; then  # the end-to-end table: cheap rows first; rows land in bench/results/<gpu>.csv as they finish
   # (--results-dir explicitly: fastmae bench's default is ./bench-results, the committed results are here)
   step e2e_large 180 fastmae bench --models mae_vit_large_patch16 --steps 10 --warmup 3 --max-seconds 100 \
