@@ -62,6 +62,25 @@ def test_auto_when_limits_the_priority_list_not_a_named_choice() -> None:
         del OPS["short_first"]
 
 
+def test_auto_compiled_false_is_passed_over_while_torch_compile_traces() -> None:
+    """An opaque kernel (apex's LayerNorm) runs eagerly, but a compiled graph gets the fusable backend instead,
+    unless the kernel is named."""
+    op = Op("opaque_first", [Backend("apex", lambda x: x * 3, auto_compiled=False),
+                             Backend("reference", lambda x: x * 2)])
+    try:
+        x = torch.ones(2)
+        assert torch.equal(op(x), x * 3)
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(lambda t: op(t), backend="eager", fullgraph=True)(x), x * 2)
+        torch._dynamo.reset()
+        named = torch.compile(lambda t: op(t, backend="apex"), backend="eager", fullgraph=True)
+        assert torch.equal(named(x), x * 3)
+    finally:
+        del OPS["opaque_first"]
+        torch._dynamo.reset()
+    assert not OPS["layer_norm"].backend("apex").auto_compiled  # the real op's opaque backend is marked
+
+
 def test_precedence_argument_context_env(toy_op, monkeypatch) -> None:  # noqa: ANN001
     op, calls = toy_op
     monkeypatch.setenv("FASTMAE_BACKEND", "toy_op=reference")

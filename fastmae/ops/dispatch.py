@@ -10,7 +10,9 @@ The backend for a call is chosen by, in order of precedence:
 2. the innermost ``use_backend(...)`` context,
 3. the ``FASTMAE_BACKEND`` environment variable (``triton``, ``attention=torch``, or both:
    ``triton,attention=torch``), read at each call (under ``torch.compile``: when tracing),
-4. the op's priority list: the first backend that can run the call.
+4. the op's priority list: the first backend that can run the call (while ``torch.compile`` traces, leaving out
+   the backends marked ``auto_compiled=False``: kernels Inductor can neither see into nor fuse around, where a
+   torch backend of the op lets it fuse).
 
 A backend named in 1–3 that cannot run the call raises :class:`BackendUnavailableError` listing
 every backend of the op with its reason -- never a silent fallback. A blanket name from 2 or 3
@@ -58,6 +60,9 @@ class Backend:
     runs only when named (the Triton backends run on CPU only in the interpreter, a test tool).
     ``auto_when(*args)``, when given, limits the priority list's picks further to the calls where this
     backend measured faster than the next; named, it runs every call it supports.
+    ``auto_compiled=False``: the priority list passes it over while ``torch.compile`` traces the call (apex's
+    LayerNorm: an extension call that is one opaque node, where ``torch``'s lets Inductor fuse the residual add
+    and the cast into the norm); named, it runs under compile too.
     """
 
     name: str
@@ -69,6 +74,7 @@ class Backend:
     no_grad: tuple[str, ...] = ()
     auto_devices: tuple[str, ...] | None = None
     auto_when: Callable[..., bool] | None = None
+    auto_compiled: bool = True
     key: str = field(init=False, repr=False, compare=False)  # unique per instance: the availability cache's key
 
     def __post_init__(self) -> None:
@@ -188,8 +194,11 @@ class Op:
             return chosen
         device = next((a.device.type if isinstance(a, torch.Tensor) else a.type for a in args
                        if isinstance(a, torch.Tensor | torch.device)), None)
+        compiling = torch.compiler.is_compiling()
         for candidate in self.backends:
             if candidate.auto_devices is not None and device not in candidate.auto_devices:
+                continue
+            if compiling and not candidate.auto_compiled:
                 continue
             if candidate.why_not(args, self.arg_names) is None and (
                     candidate.auto_when is None or candidate.auto_when(*args)):

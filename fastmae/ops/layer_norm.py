@@ -196,9 +196,11 @@ LAYER_NORM_CASES = (Case("50x48", _case(50, 48, False), batch=3, grad=("x", "wei
 
 LAYER_NORM = Op(
     "layer_norm",
-    [  # priority: apex when installed (issue 5); torch's kernel measured 2x faster than the triton one on an
-        # H200, and a ViT-L step 22% faster with it (bench/results/)
-        Backend("apex", _apex, available=_apex_available, supports=_apex_supports, auto_devices=("cuda",)),
+    [  # priority: apex when installed (issue 5), but not under torch.compile, where torch's LayerNorm fuses with
+        # the residual add and the cast (fastmae.benchmark.fusion); torch's kernel measured 2x faster than the
+        # triton one on an H200, and a ViT-L step 22% faster with it (bench/results/)
+        Backend("apex", _apex, available=_apex_available, supports=_apex_supports, auto_devices=("cuda",),
+                auto_compiled=False),
         Backend("torch", layer_norm_torch),
         Backend("triton", functools.partial(_layer_norm_kernels, backend="triton"),
                 available=triton_available("layer_norm"), supports=_triton_limits, devices=triton_devices(),
