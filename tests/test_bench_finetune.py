@@ -84,6 +84,8 @@ def test_bad_settings_are_value_errors(capsys: pytest.CaptureFixture[str]) -> No
         BenchConfig(task="finetune", models=(TINY,), inputs=("loader",), device="cpu")
     with pytest.raises(ValueError, match="task must be one of"):
         BenchConfig(task="probe", device="cpu")
+    with pytest.raises(ValueError, match="needs even batch sizes"):
+        BenchConfig(task="finetune", models=(TINY,), batch_sizes=(5,), device="cpu")
     with pytest.raises(ValueError, match="even int >= 2"):
         build_finetune_step("timm", TINY, 3, 32, CPU)
     assert main(["bench", "--task", "finetune", "--models", "vit_giant", "--device", "cpu"]) == 2

@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     the task's GPU set on a CUDA device and to a small set that runs in under a minute on a CPU."""
     gpu, cpu = GPU_DEFAULTS, CPU_DEFAULTS
     ft_gpu, ft_cpu = FINETUNE_GPU_DEFAULTS, FINETUNE_CPU_DEFAULTS
-    finetune_defaults = _default_help(f"{','.join(ft_gpu.models)} at batch {ft_gpu.batch_size}, {','.join(ft_gpu.impls)}",
-                                      f"{','.join(ft_cpu.models)} at batch {ft_cpu.batch_size}, {','.join(ft_cpu.impls)}")
+    finetune_defaults = _default_help(
+        f"{','.join(ft_gpu.models)} at batch {ft_gpu.batch_size}, {','.join(ft_gpu.impls)}",
+        f"{','.join(ft_cpu.models)} at batch {ft_cpu.batch_size}, {','.join(ft_cpu.impls)}")
     parser.add_argument("--task", default="pretrain", choices=TASKS,
                         help="pretrain: MAE pretraining steps (mae_* presets, mask ratio 0.75); finetune: end-to-end "
                              "fine-tuning steps of the ViT classifiers (vit_* presets, the official recipe: mixup/"

@@ -70,7 +70,8 @@ def check_vit_name(model_name: str) -> None:
     from fastmae.vit import VIT_PRESETS
 
     if model_name not in VIT_PRESETS:
-        raise ValueError(f"unknown fine-tuning model {model_name!r}; expected a ViT preset, one of {sorted(VIT_PRESETS)}")
+        raise ValueError(f"unknown fine-tuning model {model_name!r}; expected a ViT preset, one of "
+                         f"{sorted(VIT_PRESETS)}")
 
 
 def finetune_unavailable_reason(impl: str, device: torch.device) -> str | None:

@@ -4,9 +4,9 @@ Task ``pretrain``: fastmae's variants (``FASTMAE_IMPLS``) are built by ``fastmae
 baselines (``official``, ``modern``, ``modern-cudagraph``, ``hf``, ``hf-compile``) by
 ``fastmae.benchmark.baselines.steps``. Task ``finetune``: ``fastmae-finetune``, ``fastmae-finetune-compile`` and
 the baselines ``timm``, ``timm-compile``, all built by ``fastmae.benchmark.finetune_step``. Names are unique
-across tasks. Every builder is ``(model_name, batch_size, img_size, device) -> TrainStep``. ``unavailable_reason`` says, before anything is built, why an implementation cannot run on
-a device (a CUDA graph on a CPU, transformers not installed); ``fastmae bench`` skips such a row with
-that reason.
+across tasks. Every builder is ``(model_name, batch_size, img_size, device) -> TrainStep``.
+``unavailable_reason`` says, before anything is built, why an implementation cannot run on a device (a CUDA
+graph on a CPU, transformers not installed); ``fastmae bench`` skips such a row with that reason.
 """
 
 from __future__ import annotations

@@ -158,6 +158,9 @@ class BenchConfig:
                 isinstance(b, int) and b >= 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be one positive int, or one per model ({len(self.models)}), "
                              f"got {self.batch_sizes}")
+        if self.task == "finetune" and any(b % 2 for b in self.batch_sizes):
+            raise ValueError(f"the finetune task needs even batch sizes (timm's Mixup pairs each batch), got "
+                             f"{self.batch_sizes}")
         for name in ("img_size", "steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
