@@ -10,13 +10,14 @@ anything is read or written. Importing this module imports no torch; validating 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fastmae.train.config import (PARALLEL_MODES, PRECISIONS, PretrainConfig, SettingError, config_from_dict,
-                                  model_presets, patch_size_of)
+from fastmae.train.config import (PARALLEL_MODES, PRECISIONS, PretrainConfig, SettingError, check_data_settings,
+                                  config_from_dict, invalid, model_presets, patch_size_of)
 
 # autocast precisions (pretraining's fp8 is not wired into the classifier: its Linears stay bf16 under autocast)
 CLASSIFIER_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp8")
@@ -151,14 +152,10 @@ class ClassifierConfig:
     def _check_model(self) -> None:
         self.vit = resolve_model(self.model)  # the ViT preset trained
 
-    def _bad(self, name: str, expected: str) -> SettingError:
-        return SettingError(f"{name} must be {expected}, got {getattr(self, name)!r}", (name,))
+    _bad = invalid  # self._bad(name, expected): the SettingError for that setting
 
     def _check_values(self) -> None:
         """Each setting on its own: ``SettingError`` naming it, what was expected and what was given."""
-        from fastmae.data.bad_files import BAD_FILE_POLICIES
-        from fastmae.data.bad_files import CHECKS as BAD_FILE_CHECKS
-        from fastmae.data.loader import BACKENDS as LOADERS
 
         if self.data is None:
             raise self._bad("data", "the training images, an ImageFolder tree (one folder per class)")
@@ -188,14 +185,7 @@ class ClassifierConfig:
             raise self._bad("keep_last", ">= 0")
         if self.num_workers is not None and self.num_workers < 0:
             raise self._bad("num_workers", ">= 0 (or unset)")
-        if self.loader not in LOADERS:
-            raise self._bad("loader", f"one of {list(LOADERS)}")
-        if self.on_bad_file not in BAD_FILE_POLICIES:
-            raise self._bad("on_bad_file", f"one of {list(BAD_FILE_POLICIES)}")
-        if not 0.0 <= self.max_skip_fraction < 1.0:
-            raise self._bad("max_skip_fraction", "in [0, 1)")
-        if self.bad_file_check not in BAD_FILE_CHECKS:
-            raise self._bad("bad_file_check", f"one of {list(BAD_FILE_CHECKS)}")
+        check_data_settings(self)
 
     def _check_combinations(self) -> None:
         if self.parallel == "fsdp" and self.precision == "fp16":  # as PretrainConfig
@@ -328,12 +318,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
-        from fastmae.data.bad_files import BAD_FILE_POLICIES
-        from fastmae.data.bad_files import CHECKS as BAD_FILE_CHECKS
-        from fastmae.data.loader import BACKENDS as LOADERS
 
-        def bad(name: str, expected: str) -> SettingError:
-            return SettingError(f"{name} must be {expected}, got {getattr(self, name)!r}", (name,))
+        bad = functools.partial(invalid, self)
 
         if self.model is not None:
             self.model = resolve_model(self.model)
@@ -345,14 +331,7 @@ class EvalConfig:
             raise bad("precision", f"one of {sorted(CLASSIFIER_PRECISIONS)}")
         if self.num_workers is not None and self.num_workers < 0:
             raise bad("num_workers", ">= 0 (or unset)")
-        if self.loader not in LOADERS:
-            raise bad("loader", f"one of {list(LOADERS)}")
-        if self.on_bad_file not in BAD_FILE_POLICIES:
-            raise bad("on_bad_file", f"one of {list(BAD_FILE_POLICIES)}")
-        if not 0.0 <= self.max_skip_fraction < 1.0:
-            raise bad("max_skip_fraction", "in [0, 1)")
-        if self.bad_file_check not in BAD_FILE_CHECKS:
-            raise bad("bad_file_check", f"one of {list(BAD_FILE_CHECKS)}")
+        check_data_settings(self)
 
 
 def eval_crop_fraction(img_size: int) -> float:

@@ -7,10 +7,14 @@ config does.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 PRECISIONS = ("bf16", "fp16", "fp32", "fp8")  # fp8: float8 matmuls in the blocks' Linears (torchao), bf16 autocast
 PARAM_DTYPES = ("fp32", "bf16")  # bf16: Linear/Conv weights kept in bf16 with fp32 masters
@@ -35,6 +39,39 @@ class SettingError(ValueError):
         for key in self.keys:
             message = re.sub(rf"(?<![\w'/.-]){key}(?![\w'/])", "--" + key.replace("_", "-"), message)
         return message
+
+def invalid(cfg: object, name: str, expected: str) -> SettingError:
+    """The ``SettingError`` for the setting ``name`` of ``cfg``: its name, what was expected and what was given."""
+    return SettingError(f"{name} must be {expected}, got {getattr(cfg, name)!r}", (name,))
+
+
+def check_data_settings(cfg: object) -> None:
+    """The image-reading settings every command has (``loader``, ``on_bad_file``, ``max_skip_fraction``,
+    ``bad_file_check``), each on its own: the :func:`invalid` error of the first one that is not valid."""
+    from fastmae.data.bad_files import BAD_FILE_POLICIES
+    from fastmae.data.bad_files import CHECKS as BAD_FILE_CHECKS
+    from fastmae.data.loader import BACKENDS as LOADERS
+
+    if cfg.loader not in LOADERS:
+        raise invalid(cfg, "loader", f"one of {list(LOADERS)}")
+    if cfg.on_bad_file not in BAD_FILE_POLICIES:
+        raise invalid(cfg, "on_bad_file", f"one of {list(BAD_FILE_POLICIES)}")
+    if not 0.0 <= cfg.max_skip_fraction < 1.0:
+        raise invalid(cfg, "max_skip_fraction", "in [0, 1)")
+    if cfg.bad_file_check not in BAD_FILE_CHECKS:
+        raise invalid(cfg, "bad_file_check", f"one of {list(BAD_FILE_CHECKS)}")
+
+def saved_run_config(output: str | os.PathLike) -> dict | None:
+    """The ``config.json`` a run wrote into its output folder ``output`` (the effective configuration), or ``None``
+    where there is none or it cannot be read."""
+    path = Path(output) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def patch_size_of(model: str) -> int:
@@ -126,13 +163,9 @@ class PretrainConfig:
 
     def _check_values(self) -> None:
         """Each setting on its own: ``SettingError`` naming it, what was expected and what was given."""
-        from fastmae.data.bad_files import BAD_FILE_POLICIES
-        from fastmae.data.bad_files import CHECKS as BAD_FILE_CHECKS
-        from fastmae.data.loader import BACKENDS as LOADERS
         presets = model_presets()
 
-        def bad(name: str, expected: str) -> SettingError:
-            return SettingError(f"{name} must be {expected}, got {getattr(self, name)!r}", (name,))
+        bad = functools.partial(invalid, self)
 
         if self.model not in presets:
             raise bad("model", f"one of {sorted(presets)}")
@@ -164,14 +197,7 @@ class PretrainConfig:
         for name in ("decoder_depth", "decoder_embed_dim", "decoder_num_heads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise bad(name, ">= 1 (or unset for the preset's)")
-        if self.loader not in LOADERS:
-            raise bad("loader", f"one of {list(LOADERS)}")
-        if self.on_bad_file not in BAD_FILE_POLICIES:
-            raise bad("on_bad_file", f"one of {list(BAD_FILE_POLICIES)}")
-        if not 0.0 <= self.max_skip_fraction < 1.0:
-            raise bad("max_skip_fraction", "in [0, 1)")
-        if self.bad_file_check not in BAD_FILE_CHECKS:
-            raise bad("bad_file_check", f"one of {list(BAD_FILE_CHECKS)}")
+        check_data_settings(self)
         if self.param_dtype is not None and self.param_dtype not in PARAM_DTYPES:
             raise bad("param_dtype", f"one of {list(PARAM_DTYPES)} (or unset)")
         if self.micro_batch is not None and self.micro_batch not in MICRO_BATCH_MODES:

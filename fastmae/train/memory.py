@@ -28,7 +28,6 @@ Design:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fastmae.train.config import SettingError
+from fastmae.train.config import SettingError, saved_run_config
 from fastmae.train.distributed import Ranks
 
 HEADROOM = 0.9  # the fraction of the process's available device memory a plan may fill
@@ -168,13 +167,7 @@ def plan_micro_batch(batch_size: int, usable: int, peak_of: Callable[[int], int 
 
 def recorded_micro_batch(output: Path, batch_size: int) -> int | None:
     """The micro-batch the run in ``output`` recorded in its ``config.json`` for the same ``batch_size``, if any."""
-    path = output / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    saved = saved_run_config(output) or {}
     micro = saved.get("micro_batch_size")
     return micro if saved.get("batch_size") == batch_size and isinstance(micro, int) and micro >= 1 else None
 

@@ -49,7 +49,7 @@ from fastmae.masking import mask_noise_for
 from fastmae.model import MaskedAutoencoderViT
 from fastmae.train.checkpoint import (list_checkpoints, load_latest_checkpoint, prune_checkpoints, save_checkpoint,
                                       write_atomic)
-from fastmae.train.config import PretrainConfig, SettingError, model_presets
+from fastmae.train.config import PretrainConfig, SettingError, model_presets, saved_run_config
 from fastmae.train.cuda_graph import (CAPTURABLE_ADAMW, PAPER_BETAS, GraphedStep, capturable_adamw,
                                       choose_fast_path, nonfinite_flag, update)
 from fastmae.train.distributed import (Ranks, add_activation_checkpointing, barrier, close_ranks, gradient_sync,
@@ -187,11 +187,8 @@ def check_same_objective(cfg: PretrainConfig) -> None:
     and overwrite its ``config.json``. Nothing is checked without checkpoints or without a readable ``config.json``
     (a folder written before the file existed)."""
     out = Path(cfg.output)
-    if not list_checkpoints(out / "checkpoints") or not (out / "config.json").is_file():
-        return
-    try:
-        saved = json.loads((out / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    saved = saved_run_config(out) if list_checkpoints(out / "checkpoints") else None
+    if saved is None:
         return
     asked = dataclasses.asdict(cfg)
     changed = [key for key in OBJECTIVE_KEYS if key in saved and saved[key] != asked[key]]
